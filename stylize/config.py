@@ -1,0 +1,133 @@
+"""Typed configuration: frozen dataclasses filled from YAML presets in configs/, then from flags.
+
+Library code only ever sees these objects, never typer or argparse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import UsageError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+HiddenStates = Literal["pre_norm", "post_norm"]
+ModelKind = Literal["pretrained", "random", "tiny"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model stack comes from and how it is shaped.
+
+    kind: "pretrained" loads weights from `source` (a local folder in diffusers layout with
+    unet/, vae/, text_encoder/, tokenizer/ subfolders, or a hub id); "random" builds the classes
+    at the sizes below with random weights (speed benchmarks); "tiny" builds them tiny from a fixed
+    seed, saves them with save_pretrained into a cache folder and loads them back with
+    from_pretrained (tests and smoke runs).
+    """
+
+    name: str
+    kind: ModelKind = "pretrained"
+    source: str | None = None
+    revision: str | None = None
+    dtype: str = "bfloat16"  # on CUDA; the CPU always runs float32
+    te_image_size: int = 256  # side of the square frame the text encoder sees
+    prompt_max_tokens: int = 64  # instruction tokens kept after the image tokens (fixed-length padding)
+    hidden_states: HiddenStates = "post_norm"  # which last-layer states condition the U-Net
+    unet: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    vae: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StyleConfig:
+    """A style preset: the instruction given to the edit model."""
+
+    name: str
+    prompt: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How frames are stylized.
+
+    size: long side of the working resolution in pixels (sides rounded to multiples of 16, which
+    the U-Net's latent grid of 1/8 with two downsamplings needs); crop "none" keeps the aspect
+    ratio, "center" takes the paper's square centre crop of side `size`.
+    """
+
+    prompt: str
+    steps: int = 1
+    size: int = 512
+    crop: Literal["none", "center"] = "none"
+    batch_size: int = 8
+    seed: int = 0
+    fixed_noise: bool = True  # the same noise pattern every frame (less flicker)
+
+    def __post_init__(self) -> None:
+        if self.steps not in (1, 2, 4):
+            raise UsageError(f"--steps must be 1, 2 or 4 (the distilled schedules), not {self.steps}")
+        if self.size < 64 or self.size > 2048:
+            raise UsageError(f"--size must be between 64 and 2048 pixels, not {self.size}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if not self.prompt.strip():
+            raise UsageError("the prompt is empty: give --style NAME or --prompt TEXT")
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _from_dict(cls, data: dict[str, Any], where: Path):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def list_presets(kind: str) -> list[str]:
+    """Names of the presets under configs/<kind>/ (kind: "models" or "styles")."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def model_config(name_or_dir: str, **overrides: Any) -> ModelConfig:
+    """A model preset by name, or a local folder of real weights (taken as kind "pretrained")."""
+    path = CONFIG_DIR / "models" / f"{name_or_dir}.yaml"
+    if path.is_file():
+        cfg = _from_dict(ModelConfig, {"name": name_or_dir, **_load_yaml(path)}, path)
+    elif Path(name_or_dir).expanduser().is_dir():
+        base = model_config("dreamlite-mobile")
+        cfg = dataclasses.replace(base, name=name_or_dir, source=str(Path(name_or_dir).expanduser()))
+    else:
+        raise UsageError(
+            f"unknown model '{name_or_dir}': give a preset ({', '.join(list_presets('models'))}) "
+            "or a folder holding the weights"
+        )
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def style_config(name: str) -> StyleConfig:
+    path = CONFIG_DIR / "styles" / f"{name}.yaml"
+    if not path.is_file():
+        raise UsageError(f"unknown style '{name}': choose one of {', '.join(list_presets('styles'))} or give --prompt")
+    return _from_dict(StyleConfig, {"name": name, **_load_yaml(path)}, path)
+
+
+def prompt_slug(prompt: str, max_len: int = 32) -> str:
+    """A short file-name-safe slug of a free-text prompt ("Make it a charcoal sketch!" -> "make-it-a-charcoal-sketch")."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "prompt"

@@ -1,0 +1,162 @@
+"""The plain reference path: DreamLite edit mode, one batch at a time, no streams, no compile.
+
+Every fast path is checked against this (DESIGN §3):
+instruction → Qwen3-VL on the frame → TAESD encode → U-Net on cat([x_t, source], width) → K
+flow-matching Euler steps → TAESD decode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import PipelineConfig
+from .models import ModelStack
+from .models.text_encoder import PromptTokens, encode, tokenize_prompt
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a frame of the input goes: an optional centre crop (top, left, side), then a resize to
+    the working resolution (height, width), multiples of `multiple`."""
+
+    in_hw: tuple[int, int]
+    crop: tuple[int, int, int] | None
+    work_hw: tuple[int, int]
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """Frames come back at the input size (at the crop's size in centre-crop mode)."""
+        return (self.crop[2], self.crop[2]) if self.crop else self.in_hw
+
+
+def geometry(in_hw: tuple[int, int], size: int, multiple: int, crop: str = "none") -> Geometry:
+    """Working resolution with the long side `size`, aspect kept, both sides rounded to the nearest
+    multiple of `multiple` (what the U-Net accepts); or a centre square crop resized to size²."""
+    h, w = in_hw
+    if crop == "center":
+        side = min(h, w)
+        s = max(multiple, round(size / multiple) * multiple)
+        return Geometry(in_hw, ((h - side) // 2, (w - side) // 2, side), (s, s))
+    scale = size / max(h, w)
+    wh = max(multiple, round(h * scale / multiple) * multiple)
+    ww = max(multiple, round(w * scale / multiple) * multiple)
+    return Geometry(in_hw, None, (wh, ww))
+
+
+def resize(x_bchw: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bicubic, antialiased when shrinking; a no-op at the same size."""
+    if tuple(x_bchw.shape[-2:]) == tuple(hw):
+        return x_bchw
+    return F.interpolate(x_bchw, size=hw, mode="bicubic", antialias=True, align_corners=False)
+
+
+def flow_sigmas(scheduler, steps: int, latent_hw: tuple[int, int]) -> list[float]:
+    """The K+1 sigmas (last 0) of DreamLite's FlowMatch Euler schedule: linspace(1, 1/K, K)
+    shifted by mu from the un-concatenated latent's h·w/4 (K=4 at 512²: t ≈ 1000, 850, 653, 385)."""
+    c = scheduler.config
+    seq = latent_hw[0] * latent_hw[1] // 4
+    m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+    mu = seq * m + (c.base_shift - m * c.base_image_seq_len)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist(), mu=mu, device="cpu")
+    return [float(s) for s in scheduler.sigmas]
+
+
+class ReferenceStylizer:
+    """Stylizes batches of frames of one clip. Per-clip state (prompt tokens, fixed noise) is
+    rebuilt by `reset`; `stylize` takes any number of frames and pads a short batch to the batch
+    size (static shapes), trimming the padding from the result."""
+
+    def __init__(self, stack: ModelStack, cfg: PipelineConfig):
+        self.stack, self.cfg = stack, cfg
+        unet_cfg = stack.unet.config
+        self.multiple = 8 * 2 ** (len(unet_cfg.block_out_channels) - 1)  # VAE ×8, then U-Net downsamples
+        self.tokens: PromptTokens = tokenize_prompt(
+            stack.tokenizer, stack.text_encoder.config, cfg.prompt,
+            stack.config.te_image_size, stack.config.prompt_max_tokens,
+        )  # fmt: skip
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new clip: the same seed gives the same noise."""
+        self.generator = torch.Generator(self.stack.device).manual_seed(self.cfg.seed)
+        self._noise = None
+
+    # -- the per-frame math ------------------------------------------------------------------
+
+    def noise(self, b: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """x_T: (B, 4, h, w). Fixed noise draws one pattern per clip and repeats it on every frame."""
+        shape = (1 if self.cfg.fixed_noise else b, self.stack.unet.config.in_channels, *latent_hw)
+        if not self.cfg.fixed_noise:
+            return torch.randn(shape, generator=self.generator, device=self.stack.device, dtype=self.stack.dtype)
+        if self._noise is None or self._noise.shape[-2:] != latent_hw:
+            self._noise = torch.randn(shape, generator=self.generator, device=self.stack.device, dtype=self.stack.dtype)
+        return self._noise.expand(b, -1, -1, -1)
+
+    @torch.no_grad()
+    def stylize_tensor(self, x01_bchw: torch.Tensor) -> torch.Tensor:
+        """Frames at the working resolution, float in [0, 1], (B, 3, H, W) → stylized, same layout."""
+        stack, dtype = self.stack, self.stack.dtype
+        b, _, h, w = x01_bchw.shape
+        te_size = stack.config.te_image_size
+        states, mask = encode(
+            stack.text_encoder, self.tokens, resize(x01_bchw, (te_size, te_size)), stack.config.hidden_states
+        )
+        source = stack.vae.encode((x01_bchw * 2 - 1).to(dtype)).latents  # (B, 4, H/8, W/8)
+        latent_hw = tuple(source.shape[-2:])
+        x = self.noise(b, latent_hw)
+        sigmas = flow_sigmas(stack.scheduler, self.cfg.steps, latent_hw)
+        time_ids = torch.tensor([[w, h]], device=x.device, dtype=dtype).expand(b, -1)
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            v = stack.unet(
+                torch.cat([x, source], dim=3),  # (B, 4, h, 2w): generated half | source half
+                timestep=torch.full((b,), sigma * 1000, device=x.device, dtype=dtype),
+                encoder_hidden_states=states.to(dtype),
+                encoder_attention_mask=mask,
+                added_cond_kwargs={"time_ids": time_ids},
+                return_dict=False,
+            )[0][..., : latent_hw[1]]  # the velocity of the generated (left) half
+            x = (x.float() + (sigma_next - sigma) * v.float()).to(dtype)  # Euler step (K=1: noise − v)
+        vae_cfg = stack.vae.config
+        image = stack.vae.decode(x / vae_cfg.scaling_factor + (getattr(vae_cfg, "shift_factor", 0.0) or 0.0)).sample
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- frames in, frames out ---------------------------------------------------------------
+
+    def stylize(self, frames_bhwc_uint8: np.ndarray) -> np.ndarray:
+        """uint8 RGB (B, H, W, 3) → uint8 RGB (B, H', W', 3) at the output size (the input size,
+        or the crop's in centre-crop mode). Any B: split into batches of the batch size, the last
+        padded by repeating its final frame and trimmed after."""
+        n = len(frames_bhwc_uint8)
+        bs = self.cfg.batch_size
+        outs = []
+        for start in range(0, n, bs):
+            chunk = frames_bhwc_uint8[start : start + bs]
+            real = len(chunk)
+            if real < bs:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - real, axis=0)])
+            outs.append(self._stylize_batch(chunk)[:real])
+        return np.concatenate(outs) if outs else frames_bhwc_uint8[:0]
+
+    def _stylize_batch(self, frames_bhwc_uint8: np.ndarray) -> np.ndarray:
+        geo = geometry(frames_bhwc_uint8.shape[1:3], self.cfg.size, self.multiple, self.cfg.crop)
+        x = torch.from_numpy(np.ascontiguousarray(frames_bhwc_uint8)).to(self.stack.device)
+        x = x.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
+        if geo.crop:
+            top, left, side = geo.crop
+            x = x[:, :, top : top + side, left : left + side]
+        y = resize(self.stylize_tensor(resize(x, geo.work_hw)), geo.out_hw)
+        y = (y * 255).round().clamp(0, 255).to(torch.uint8)
+        return y.permute(0, 2, 3, 1).cpu().numpy()  # (B, H', W', 3)
+
+
+def latency_percentiles(seconds: list[float]) -> tuple[float, float]:
+    """(p50, p95) in milliseconds of per-frame latencies; nan when there are none."""
+    if not seconds:
+        return math.nan, math.nan
+    a = np.asarray(seconds) * 1000
+    return float(np.percentile(a, 50)), float(np.percentile(a, 95))
