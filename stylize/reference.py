@@ -100,6 +100,11 @@ class ReferenceStylizer:
     @torch.no_grad()
     def stylize_tensor(self, x01_bchw: torch.Tensor) -> torch.Tensor:
         """Frames at the working resolution, float in [0, 1], (B, 3, H, W) → stylized, same layout."""
+        return self.decode(self.denoise(x01_bchw))
+
+    @torch.no_grad()
+    def denoise(self, x01_bchw: torch.Tensor) -> torch.Tensor:
+        """Frames (B, 3, H, W) float in [0, 1] → edited latents x0 (B, 4, H/8, W/8)."""
         stack, dtype = self.stack, self.stack.dtype
         b, _, h, w = x01_bchw.shape
         te_size = stack.config.te_image_size
@@ -121,6 +126,12 @@ class ReferenceStylizer:
                 return_dict=False,
             )[0][..., : latent_hw[1]]  # the velocity of the generated (left) half
             x = (x.float() + (sigma_next - sigma) * v.float()).to(dtype)  # Euler step (K=1: noise − v)
+        return x
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w) → RGB (B, 3, 8h, 8w) float in [0, 1]."""
+        stack, x = self.stack, latents
         vae_cfg = stack.vae.config
         image = stack.vae.decode(x / vae_cfg.scaling_factor + (getattr(vae_cfg, "shift_factor", 0.0) or 0.0)).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
