@@ -7,8 +7,7 @@ flow-matching Euler steps → TAESD decode.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -138,6 +137,18 @@ class ReferenceStylizer:
 
     # -- frames in, frames out ---------------------------------------------------------------
 
+    def output_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        """The size of the frames that come back for frames of size `in_hw`."""
+        return geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop).out_hw
+
+    def feed(self, batch):
+        """Stylize a decoded FrameBatch; returns the batches ready for the encoder (here: this one)."""
+        return [replace(batch, frames=self.stylize(batch.frames))]
+
+    def flush(self):
+        """Nothing is held back on the sequential path."""
+        return []
+
     def stylize(self, frames_bhwc_uint8: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, H, W, 3) → uint8 RGB (B, H', W', 3) at the output size (the input size,
         or the crop's in centre-crop mode). Any B: split into batches of the batch size, the last
@@ -164,10 +175,3 @@ class ReferenceStylizer:
         y = (y * 255).round().clamp(0, 255).to(torch.uint8)
         return y.permute(0, 2, 3, 1).cpu().numpy()  # (B, H', W', 3)
 
-
-def latency_percentiles(seconds: list[float]) -> tuple[float, float]:
-    """(p50, p95) in milliseconds of per-frame latencies; nan when there are none."""
-    if not seconds:
-        return math.nan, math.nan
-    a = np.asarray(seconds) * 1000
-    return float(np.percentile(a, 50)), float(np.percentile(a, 95))

@@ -1,0 +1,278 @@
+"""The `stylize` command: a thin typer shell over the library.
+
+Rich progress and notices go to stderr; the result line per clip (or its --json record) to
+stdout. Exit codes: 0 all done, 1 some clip failed, 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import StylizeError, UsageError
+
+EPILOG = "Other commands: `stylize styles` lists the style presets, `stylize models` the model stacks."
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Crop(str, Enum):
+    none = "none"
+    center = "center"
+
+
+def _console(quiet: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stylize {__version__}")
+        raise typer.Exit()
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Model loading prints progress bars and advisories; a tool shows them only with --debug."""
+    if debug:
+        logging.basicConfig(level=logging.INFO)
+        return
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _pick_device(device: Device) -> str:
+    import torch
+
+    if device == Device.auto:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == Device.cuda and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    return device.value
+
+
+def run(
+    inputs: list[Path] = typer.Argument(..., help="Video files, numbered-image folders or folders of videos."),
+    style: Optional[str] = typer.Option(None, "--style", "-s", help="Style preset (see `stylize styles`)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Free-text instruction instead of a preset."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder, or .mp4 file for one clip."),
+    model: str = typer.Option("dreamlite-mobile", "--model", "-m", help="Model preset or a folder of weights."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Frames per batch."),
+    steps: int = typer.Option(1, "--steps", help="Denoising steps: 1, 2 or 4."),
+    size: int = typer.Option(512, "--size", help="Long side of the working resolution in pixels."),
+    crop: Crop = typer.Option(Crop.none, "--crop", help="'center': the paper's square centre crop."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where to run."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Replace existing outputs (once the new file is complete)."),
+    no_audio: bool = typer.Option(False, "--no-audio", help="Drop the audio."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders of folder inputs."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate of numbered-image folders [default: 24]."),
+    crf: int = typer.Option(18, "--crf", help="H.264 quality (0-51, lower is better)."),
+    preset: str = typer.Option("medium", "--preset", help="x264 speed preset (ultrafast ... veryslow)."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON record per clip on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library logs."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """Restyle videos: `stylize clip.mp4 --style oil` writes clip_oil.mp4 beside the input."""
+    from .config import PipelineConfig, prompt_slug, style_config
+    from .jobs import plan_jobs
+    from .pipeline import OutputConfig
+
+    err = _console(quiet)
+    if (style is None) == (prompt is None):
+        raise UsageError("give exactly one of --style NAME or --prompt TEXT")
+    if not 0 <= crf <= 51:
+        raise UsageError(f"--crf must be between 0 and 51, not {crf}")
+    if fps is not None and fps <= 0:
+        raise UsageError(f"--fps must be positive, not {fps}")
+    text, tag = (style_config(style).prompt, style) if style else (prompt, prompt_slug(prompt))
+    cfg = PipelineConfig(prompt=text, steps=steps, size=size, crop=crop.value, batch_size=batch_size, seed=seed)
+    out = OutputConfig(crf=crf, preset=preset, audio=not no_audio, fps=fps)
+    jobs = plan_jobs(inputs, tag, output, recursive)
+
+    todo = []
+    for job in jobs:
+        if job.dst.exists() and not yes:
+            err.print(f"skip {job.src}: {job.dst} exists (use -y to replace it)")
+        else:
+            todo.append(job)
+    failed = 0
+    if todo:
+        failed = _run_jobs(todo, model, cfg, out, _pick_device(device), err, as_json, quiet, debug)
+    if len(jobs) > 1:
+        err.print(f"{len(jobs) - failed} of {len(jobs)} clips done ({len(jobs) - len(todo)} skipped, {failed} failed)")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _run_jobs(jobs, model, cfg, out, device, err, as_json, quiet, debug) -> int:
+    """Load the stack once, stylize each clip, keep going past a bad one; returns the failures."""
+    from .config import model_config
+    from .models import load_stack
+    from .pipeline import make_stylizer, stylize_video
+
+    _quiet_libraries(debug)
+    with err.status(f"loading model '{model}' on {device}"):
+        stack = load_stack(model_config(model), device)
+        stylizer = make_stylizer(stack, cfg)
+    failed = 0
+    for job in jobs:
+        try:
+            with _progress(err, job.src.name, quiet) as on_progress:
+                stats = stylize_video(job.src, job.dst, stylizer, out, on_progress)
+        except StylizeError as e:
+            failed += 1
+            _report_error(err, e, job.src, debug)
+            continue
+        if as_json:
+            typer.echo(json.dumps({**stats.as_dict(), "status": "ok"}))
+        elif not quiet:
+            typer.echo(
+                f"{job.src} -> {job.dst}: {stats.frames} frames {stats.width}x{stats.height}, "
+                f"{stats.fps:.1f} fps, latency p50 {stats.latency_p50_ms:.0f} ms, p95 {stats.latency_p95_ms:.0f} ms"
+            )
+    return failed
+
+
+class _progress:
+    """A rich progress bar (frames, fps, ETA) on stderr for one clip; a no-op when quiet."""
+
+    def __init__(self, console, name: str, quiet: bool):
+        self.console, self.name, self.quiet = console, name, quiet
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn(),
+            console=self.console, transient=True,
+        )  # fmt: skip
+        self.task = self.bar.add_task(self.name, total=None, fps=0.0)
+        self.bar.start()
+
+        def update(p):
+            self.bar.update(self.task, completed=p.done, total=p.total, fps=p.done / p.elapsed_s if p.elapsed_s else 0.0)
+
+        return update
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self.bar.stop()
+        return False
+
+
+def _report_error(err, e: BaseException, src=None, debug: bool = False) -> None:
+    where = f"{src}: " if src is not None and str(src) not in str(e) else ""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    err.print(f"[red]error[/red]: {where}{message}", markup=True, highlight=False, soft_wrap=True)
+    if debug:
+        err.print_exception()
+
+
+def styles() -> None:
+    """List the style presets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import list_presets, style_config
+
+    table = Table("style", "prompt", box=None)
+    for name in list_presets("styles"):
+        table.add_row(name, style_config(name).prompt)
+    Console().print(table)
+
+
+def models() -> None:
+    """List the model presets and whether each can run on this machine."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import list_presets, model_config
+
+    table = Table("model", "kind", "status", box=None)
+    for name in list_presets("models"):
+        cfg = model_config(name)
+        table.add_row(name, cfg.kind, _availability(cfg))
+    Console().print(table)
+
+
+def _availability(cfg) -> str:
+    if cfg.kind == "tiny":
+        return "available (random weights, built on first use)"
+    if cfg.kind == "random":
+        return "available (random weights at full size; for GPU benchmarks)"
+    source = Path(cfg.source or "").expanduser()
+    if source.is_dir():
+        return f"found at {source}"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(cfg.source, "unet/config.json", revision=cfg.revision)
+        if isinstance(hit, str):
+            return f"found in the Hugging Face cache ({Path(hit).parents[1]})"
+    except Exception:  # a malformed cache is "not found", never a crash of a listing
+        pass
+    return f"not found: `hf download {cfg.source} --revision {cfg.revision} --local-dir DIR`, then --model DIR"
+
+
+run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, epilog=EPILOG)
+run_app.command(epilog=EPILOG)(run)
+sub_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+sub_app.command("styles")(styles)
+sub_app.command("models")(models)
+SUBCOMMANDS = {"styles", "models"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. `stylize styles|models` are subcommands; anything else is a run."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    app = sub_app if argv and argv[0] in SUBCOMMANDS else run_app
+    debug = "--debug" in argv
+    try:
+        app(args=argv, prog_name="stylize", standalone_mode=False)
+    except StylizeError as e:
+        _report_error(_console(), e, debug=debug)
+        return e.exit_code
+    except KeyboardInterrupt:
+        _console().print("interrupted")
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as e:  # click's usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            _console().print("interrupted")
+            return 130
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        _report_error(_console(), e, debug=debug)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    """The console script."""
+    sys.exit(main())
