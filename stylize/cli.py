@@ -35,7 +35,7 @@ class Crop(str, Enum):
 def _console(quiet: bool = False):
     from rich.console import Console
 
-    return Console(stderr=True, quiet=quiet, highlight=False)
+    return Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -92,6 +92,23 @@ def run(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """Restyle videos: `stylize clip.mp4 --style oil` writes clip_oil.mp4 beside the input."""
+    try:
+        _run(**{k: v for k, v in locals().items() if k != "version"})
+    except StylizeError as e:
+        _report_error(_console(), e, debug=debug)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        _console().print("interrupted")
+        raise typer.Exit(130)
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception as e:  # unexpected: one line, the traceback only with --debug
+        _report_error(_console(), e, debug=debug)
+        raise typer.Exit(1)
+
+
+def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, yes, no_audio, recursive,
+         fps, crf, preset, seed, as_json, quiet, debug) -> None:  # fmt: skip
     from .config import PipelineConfig, prompt_slug, style_config
     from .jobs import plan_jobs
     from .pipeline import OutputConfig
@@ -138,7 +155,7 @@ def _run_jobs(jobs, model, cfg, out, device, err, as_json, quiet, debug) -> int:
         try:
             with _progress(err, job.src.name, quiet) as on_progress:
                 stats = stylize_video(job.src, job.dst, stylizer, out, on_progress)
-        except StylizeError as e:
+        except Exception as e:  # keep going past a bad clip; the summary and exit code say so
             failed += 1
             _report_error(err, e, job.src, debug)
             continue
@@ -244,35 +261,8 @@ sub_app.command("models")(models)
 SUBCOMMANDS = {"styles", "models"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point. `stylize styles|models` are subcommands; anything else is a run."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    app = sub_app if argv and argv[0] in SUBCOMMANDS else run_app
-    debug = "--debug" in argv
-    try:
-        app(args=argv, prog_name="stylize", standalone_mode=False)
-    except StylizeError as e:
-        _report_error(_console(), e, debug=debug)
-        return e.exit_code
-    except KeyboardInterrupt:
-        _console().print("interrupted")
-        return 130
-    except typer.Exit as e:
-        return e.exit_code
-    except Exception as e:  # click's usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            _console().print("interrupted")
-            return 130
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        _report_error(_console(), e, debug=debug)
-        return 1
-    return 0
-
-
 def entry() -> None:
-    """The console script."""
-    sys.exit(main())
+    """The console script: `stylize styles|models` are subcommands; anything else is a run."""
+    argv = sys.argv[1:]
+    app = sub_app if argv and argv[0] in SUBCOMMANDS else run_app
+    app(args=argv, prog_name="stylize")

@@ -86,6 +86,8 @@ def plan_jobs(inputs: list[Path], tag: str, output: Path | None = None, recursiv
         jobs.append(Job(clip, dst))
     seen: dict[Path, Path] = {}
     for job in jobs:
+        if job.dst.resolve() == job.src.resolve():
+            raise UsageError(f"{job.src}: the output would be the input itself; choose another -o")
         key = job.dst.resolve()
         if key in seen:
             raise UsageError(f"{seen[key]} and {job.src} would both be written to {job.dst}; use separate runs or -o DIR")

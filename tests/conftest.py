@@ -54,3 +54,40 @@ def media_dir():
     if not MEDIA.is_dir():
         pytest.skip(f"real clips not found: {MEDIA} is absent (clone shared/ beside the repo to run these)")
     return MEDIA
+
+
+def write_clip(path: Path, frames: int = 10, size: tuple[int, int] = (64, 48), fps: int = 24, audio: bool = False) -> Path:
+    """A small H.264 clip of moving gradients (optionally with a 440 Hz AAC tone) for CLI tests."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    w, h = size
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        a = out.add_stream("aac", rate=44100, layout="mono") if audio else None
+        yy, xx = np.mgrid[0:h, 0:w]
+        for i in range(frames):
+            img = np.stack([(xx * 4 + i * 8) % 256, (yy * 4) % 256, np.full_like(xx, (i * 20) % 256)], -1)
+            for p in vs.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")):
+                out.mux(p)
+        for p in vs.encode():
+            out.mux(p)
+        if a is not None:
+            n = int(44100 * frames / fps)
+            tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 44100)).astype(np.float32)[None]
+            for start in range(0, n, 1024):
+                frame = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
+                frame.sample_rate, frame.pts, frame.time_base = 44100, start, Fraction(1, 44100)
+                for p in a.encode(frame):
+                    out.mux(p)
+            for p in a.encode():
+                out.mux(p)
+    return path
+
+
+@pytest.fixture
+def clip(tmp_path):
+    return write_clip(tmp_path / "clip.mp4")

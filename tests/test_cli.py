@@ -1,0 +1,214 @@
+"""The `stylize` command through typer's CliRunner: options, naming, skip/replace, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stylize import video
+from stylize.cli import run_app, sub_app
+from tests.conftest import write_clip
+
+FAST = ["--model", "tiny", "--size", "64", "--preset", "ultrafast", "--batch-size", "4"]
+
+
+def invoke(*args, app=run_app):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_default_naming_beside_input(clip):
+    r = invoke(clip, "--style", "oil", *FAST)
+    assert r.exit_code == 0, r.output
+    out = clip.with_name("clip_oil.mp4")
+    info = video.probe(out)
+    assert info.frames == 10 and (info.display_width, info.display_height) == (64, 48)
+    line = r.stdout.strip().splitlines()[-1]
+    assert "10 frames" in line and "fps" in line and "p50" in line and "p95" in line
+
+
+def test_prompt_slug_and_output_folder(clip, tmp_path):
+    r = invoke(clip, "--prompt", "Make it a charcoal sketch!", "-o", tmp_path / "new" / "dir/", *FAST)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "new" / "dir" / "clip_make-it-a-charcoal-sketch.mp4").is_file()
+
+
+def test_output_file_for_single_input(clip, tmp_path):
+    r = invoke(clip, "--style", "sketch", "-o", tmp_path / "exact.mp4", *FAST)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "exact.mp4").is_file()
+
+
+def test_folder_of_videos_and_recursive(tmp_path):
+    root = tmp_path / "clips"
+    (root / "sub").mkdir(parents=True)
+    write_clip(root / "a.mp4", frames=4)
+    write_clip(root / "b.mov", frames=4)
+    write_clip(root / "sub" / "c.mp4", frames=4)
+    r = invoke(root, "--style", "anime", *FAST)
+    assert r.exit_code == 0, r.output
+    assert (root / "a_anime.mp4").is_file() and (root / "b_anime.mp4").is_file()
+    assert not (root / "sub" / "c_anime.mp4").exists()
+    # a re-run skips the done clips and never treats its own outputs as inputs
+    r = invoke(root, "--style", "anime", "--recursive", *FAST)
+    assert r.exit_code == 0, r.output
+    assert (root / "sub" / "c_anime.mp4").is_file()
+    assert not list(root.glob("*_anime_anime.mp4"))
+    assert sum(ln.startswith("skip ") for ln in r.stderr.splitlines()) == 2
+    # under -o DIR the subfolders are kept
+    r = invoke(root, "--style", "anime", "--recursive", "-o", tmp_path / "out", *FAST)
+    assert (tmp_path / "out" / "sub" / "c_anime.mp4").is_file() and (tmp_path / "out" / "a_anime.mp4").is_file()
+
+
+def test_numbered_image_folder_is_one_clip(tmp_path):
+    from PIL import Image
+
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((40, 56, 3), i * 30, np.uint8)).save(seq / f"{i:05d}.jpg")
+    r = invoke(seq, "--style", "oil", "--fps", "12", *FAST)
+    assert r.exit_code == 0, r.output
+    info = video.probe(tmp_path / "seq_oil.mp4")
+    assert info.frames == 6 and float(info.fps) == pytest.approx(12)
+    assert info.duration == pytest.approx(0.5, abs=0.09)
+
+
+def test_existing_output_is_skipped_then_replaced_with_yes(clip):
+    out = clip.with_name("clip_oil.mp4")
+    out.write_bytes(b"keep me")
+    r = invoke(clip, "--style", "oil", *FAST)
+    assert r.exit_code == 0 and out.read_bytes() == b"keep me"
+    assert "skip" in r.stderr and str(out) in r.stderr.replace("\n", "")
+    r = invoke(clip, "--style", "oil", "-y", *FAST)
+    assert r.exit_code == 0, r.output
+    assert video.probe(out).frames == 10
+
+
+def test_output_is_never_the_input(clip):
+    before = clip.read_bytes()
+    r = invoke(clip, "--style", "oil", "-o", clip, "-y", *FAST)
+    assert r.exit_code == 2 and "input itself" in r.stderr
+    assert clip.read_bytes() == before
+
+
+def test_bad_clip_among_good_ones_exit_1(tmp_path):
+    good = write_clip(tmp_path / "good.mp4", frames=4)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"this is not a video")
+    r = invoke(bad, good, "--style", "oil", *FAST)
+    assert r.exit_code == 1
+    assert (tmp_path / "good_oil.mp4").is_file() and not (tmp_path / "bad_oil.mp4").exists()
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "bad.mp4" in errors[0]
+    assert "1 of 2 clips done" in r.stderr
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "tiny"], "exactly one of"),
+        (["--style", "oil", "--prompt", "x"], "exactly one of"),
+        (["--style", "nope"], "unknown style"),
+        (["--style", "oil", "--steps", "3"], "--steps"),
+        (["--style", "oil", "--model", "no-such-model"], "unknown model"),
+        (["--style", "oil", "--crf", "99"], "--crf"),
+        (["--style", "oil", "--crop", "diagonal"], "diagonal"),
+    ],
+)
+def test_usage_errors_exit_2(clip, args, needle):
+    r = invoke(clip, *args)
+    assert r.exit_code == 2
+    assert needle in r.output
+    assert not clip.with_name("clip_oil.mp4").exists()
+
+
+def test_missing_input_exit_2(tmp_path):
+    r = invoke(tmp_path / "nope.mp4", "--style", "oil", *FAST)
+    assert r.exit_code == 2 and "nope.mp4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_interrupt_exits_130_and_leaves_nothing(clip, monkeypatch):
+    from stylize.reference import ReferenceStylizer
+
+    def boom(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ReferenceStylizer, "feed", boom)
+    r = invoke(clip, "--style", "oil", *FAST)
+    assert r.exit_code == 130
+    assert not clip.with_name("clip_oil.mp4").exists()
+    assert [p.name for p in clip.parent.iterdir()] == ["clip.mp4"]  # no partial file left
+
+
+def test_json_records_and_quiet(tmp_path):
+    a = write_clip(tmp_path / "a.mp4", frames=5)
+    b = write_clip(tmp_path / "b.mp4", frames=3)
+    r = invoke(a, b, "--style", "oil", "--json", "-q", *FAST)
+    assert r.exit_code == 0, r.output
+    records = [json.loads(ln) for ln in r.stdout.strip().splitlines()]
+    assert [rec["frames"] for rec in records] == [5, 3]
+    for rec in records:
+        assert rec["status"] == "ok" and rec["fps"] > 0 and rec["latency_p50_ms"] > 0 and rec["latency_p95_ms"] > 0
+        assert rec["width"] == 64 and rec["height"] == 48
+    assert r.stderr == ""
+    r = invoke(a, "--style", "oil", "-q", "-y", *FAST)
+    assert r.exit_code == 0 and r.stdout == "" and r.stderr == ""
+
+
+def test_audio_kept_or_dropped(tmp_path):
+    src = write_clip(tmp_path / "tone.mp4", frames=12, audio=True)
+    assert invoke(src, "--style", "oil", *FAST).exit_code == 0
+    assert video.probe(tmp_path / "tone_oil.mp4").audio
+    assert invoke(src, "--style", "oil", "--no-audio", "-o", tmp_path / "silent.mp4", *FAST).exit_code == 0
+    assert not video.probe(tmp_path / "silent.mp4").audio
+
+
+def test_model_options_change_the_output(clip, tmp_path):
+    """--steps, --seed, --size, --batch-size, --crop and --device all reach the pipeline."""
+
+    def frames(*extra, name):
+        dst = tmp_path / f"{name}.mp4"
+        r = invoke(clip, "--style", "oil", "-o", dst, "--device", "cpu", "--crf", "0", *FAST, *extra)
+        assert r.exit_code == 0, r.output
+        return np.concatenate([b.frames for b in video.read_batches(dst, 16)])
+
+    base = frames(name="base")
+    assert not np.array_equal(base, frames("--steps", "2", name="steps"))
+    assert not np.array_equal(base, frames("--seed", "5", name="seed"))
+    assert frames("--size", "96", name="size").shape == base.shape  # output keeps the input size
+    assert np.abs(frames("--batch-size", "3", name="bs").astype(int) - base.astype(int)).mean() < 1.0
+    assert frames("--crop", "center", name="crop").shape[1:3] == (48, 48)
+
+
+def test_debug_shows_traceback(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"nope")
+    r = invoke(bad, "--style", "oil", "--debug", *FAST)
+    assert r.exit_code == 1 and "Traceback" in r.stderr
+
+
+def test_styles_and_models_commands():
+    r = invoke("styles", app=sub_app)
+    assert r.exit_code == 0 and "oil" in r.stdout and "vibrant colors" in r.stdout
+    r = invoke("models", app=sub_app)
+    assert r.exit_code == 0 and "tiny" in r.stdout and "random-full" in r.stdout and "dreamlite-mobile" in r.stdout
+
+
+def test_version_and_help_are_instant():
+    import subprocess
+    import sys
+    import time
+
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "stylize", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("stylize ")
+    assert time.perf_counter() - t < 10
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, stylize.cli; print('torch' in sys.modules)"], capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "False"  # nothing heavy at import
