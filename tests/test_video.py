@@ -303,6 +303,39 @@ def test_rotation_is_applied_like_ffmpeg_autorotate(tmp_path):
     assert (r["out"].coded_width, r["out"].coded_height) == (32, 64)
 
 
+@pytest.mark.parametrize("tag, matrix", [(1, "ITU709"), (6, "ITU601"), (None, "ITU601")])
+def test_decode_uses_the_streams_colour_matrix(tmp_path, tag, matrix):
+    # Saturated colours come out right only when YUV->RGB uses the matrix they were coded with;
+    # an untagged SD stream is read as BT.601, like players do.
+    from av.video.reformatter import ColorRange, Colorspace
+
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 200, 0]], np.uint8)
+    image = np.repeat(np.repeat(colours[None], 32, axis=0), 16, axis=1)  # (32, 64, 3)
+    clip = tmp_path / "tagged.mkv"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"preset": "ultrafast", "qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv444p"
+        if tag is not None:
+            stream.codec_context.colorspace, stream.codec_context.color_range = tag, 1
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+            format="yuv444p", dst_colorspace=getattr(Colorspace, matrix),
+            src_color_range=ColorRange.JPEG, dst_color_range=ColorRange.MPEG)
+        frame.pts = 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    decoded = next(read_batches(clip, 1)).frames[0].astype(int)
+    assert np.abs(decoded - image).max() <= 3
+    # The writer converts with BT.709 and tags it, so its output reads back the same colours.
+    with VideoWriter(tmp_path / "out.mp4", probe(clip), **FAST) as writer:
+        writer.write(np.repeat(image[None], 3, axis=0), [0, 1, 2])
+    with av.open(str(tmp_path / "out.mp4")) as out:
+        ctx = out.streams.video[0].codec_context
+        assert (ctx.colorspace, ctx.color_primaries, ctx.color_trc, ctx.color_range) == (1, 1, 1, 1)
+    again = next(read_batches(tmp_path / "out.mp4", 1)).frames[0].astype(int)
+    inner = np.r_[4:12, 20:28, 36:44, 52:60]  # away from the colour edges (chroma is 4:2:0)
+    assert np.abs(again[4:-4, inner] - image[4:-4, inner]).max() <= 8
+
+
 # ----------------------------------------------------------------------------- round trips
 
 
