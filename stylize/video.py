@@ -28,10 +28,10 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import av
 import numpy as np
@@ -271,7 +271,7 @@ def _produce(info: VideoInfo, batch_size: int, out: queue.Queue, stop: threading
             if not put(batch):
                 return
         put(None)
-    except BaseException as exc:  # handed to the consumer, which re-raises it
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
         put(exc)
 
 
@@ -396,7 +396,8 @@ class VideoWriter:
             raise OutputError(f"{self.dst}: is the input itself; choose another output path")
         self.tmp = self.container = self.stream = self.pump = None
         self.pending = None  # (image, pts) held until the next pts gives its duration
-        self.last_pts, self.last_ticks = None, info.nominal_ticks
+        self.first_pts = self.last_pts = None
+        self.last_ticks = info.nominal_ticks
         self.written, self.durations = 0, {}
         self.shift = info.ticks(info.start_time)
         self.sws = VideoReformatter()
@@ -448,6 +449,7 @@ class VideoWriter:
                 self.last_ticks = stamp - self.last_pts
             self._encode_pending(self.last_ticks)
             self.pending, self.last_pts = (image, stamp), stamp
+            self.first_pts = stamp if self.first_pts is None else self.first_pts
         if self.pump is not None and self.last_pts is not None:  # audio ~1 s ahead of video
             self.pump.pump(float((self.last_pts - self.shift) * self.info.time_base) + 1.0)
 
@@ -469,11 +471,11 @@ class VideoWriter:
             self.container.mux(packet)
 
     def _last_ticks(self) -> int:
-        """The last frame lasts until the source's end when that is plausible, else as the one
-        before it."""
+        """The last frame lasts until the source's end (first pts + duration) when that is
+        plausible, else as long as the one before it."""
         info = self.info
         if info.duration is not None and self.last_pts is not None:
-            end = info.ticks(info.start_time + info.duration)
+            end = self.first_pts + info.ticks(info.duration)
             if 0 < end - self.last_pts <= 3 * max(self.last_ticks, info.nominal_ticks):
                 return end - self.last_pts
         return self.last_ticks
@@ -496,8 +498,8 @@ class VideoWriter:
             try:
                 if closer is not None:
                     closer.close()
-            except Exception:  # already failing; the temporary file goes below
-                pass
+            except Exception as error:  # noqa: BLE001 - already failing; the temp file goes below
+                log.debug("closing after a failure: %s", error)
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
 
