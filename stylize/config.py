@@ -81,6 +81,33 @@ class PipelineConfig:
             raise UsageError("the prompt is empty: give --style NAME or --prompt TEXT")
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """The streaming engine's speedups (DESIGN §5). Each is on by default and can be turned off
+    for an ablation; the schedule options change the output by design.
+
+    te_refresh_every: run the text encoder every M batches and reuse its states in between;
+    te_batch_one: encode one representative frame per batch and broadcast it;
+    static_prompt: encode the instruction alone (no frame) once per clip;
+    scene_cut: mean absolute difference (0-1) between thumbnails of consecutive frames above which
+    a batch counts as a new scene and refreshes the text encoder (0 turns detection off).
+    """
+
+    side_stream: bool = True
+    fast_te: bool = True
+    compile: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: bool = True
+    te_refresh_every: int = 1
+    te_batch_one: bool = False
+    static_prompt: bool = False
+    scene_cut: float = 0.3
+    te_bucket: int = 16
+
+    def __post_init__(self) -> None:
+        if self.te_refresh_every < 1:
+            raise UsageError(f"te_refresh_every must be at least 1, not {self.te_refresh_every}")
+
+
 def _load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 

@@ -65,6 +65,52 @@ def flow_sigmas(scheduler, steps: int, latent_hw: tuple[int, int]) -> list[float
     return [float(s) for s in scheduler.sigmas]
 
 
+def to_working(frames_bhwc_uint8: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """uint8 RGB (B, H, W, 3) → float in [0, 1] (B, 3, h, w) at the working resolution."""
+    x = frames_bhwc_uint8.permute(0, 3, 1, 2).float() / 255
+    if geo.crop:
+        top, left, side = geo.crop
+        x = x[:, :, top : top + side, left : left + side]
+    return resize(x, geo.work_hw)
+
+
+def to_output(y01_bchw: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """float in [0, 1] (B, 3, h, w) → uint8 RGB (B, H', W', 3) at the output size."""
+    y = resize(y01_bchw, geo.out_hw)
+    return (y * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def vae_encode(vae, x01_bchw: torch.Tensor) -> torch.Tensor:
+    """TAESD encode of pixels in [-1, 1] (as DreamLite): (B, 3, H, W) → latents (B, 4, H/8, W/8)."""
+    return vae.encode((x01_bchw * 2 - 1).to(vae.dtype)).latents
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (B, 4, h, w) → RGB (B, 3, 8h, 8w) float in [0, 1]."""
+    shift = getattr(vae.config, "shift_factor", 0.0) or 0.0
+    image = vae.decode(latents / vae.config.scaling_factor + shift).sample
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def velocity(unet, x, source, t, states, mask, time_ids) -> torch.Tensor:
+    """One U-Net call in DreamLite edit mode: input cat([x_t, source], width) (B, 4, h, 2w), the
+    prediction's left half is the velocity of the generated image (B, 4, h, w)."""
+    out = unet(
+        torch.cat([x, source], dim=3),
+        timestep=t,
+        encoder_hidden_states=states,
+        encoder_attention_mask=mask,
+        added_cond_kwargs={"time_ids": time_ids},
+        return_dict=False,
+    )[0]
+    return out[..., : x.shape[-1]]
+
+
+def euler(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
+    """Flow-matching Euler step in float32 (as the scheduler does); K=1 gives x0 = noise − v."""
+    return (x.float() + dt * v.float()).to(x.dtype)
+
+
 class ReferenceStylizer:
     """Stylizes batches of frames of one clip. Per-clip state (prompt tokens, fixed noise) is
     rebuilt by `reset`; `stylize` takes any number of frames and pads a short batch to the batch
@@ -110,30 +156,20 @@ class ReferenceStylizer:
         states, mask = encode(
             stack.text_encoder, self.tokens, resize(x01_bchw, (te_size, te_size)), stack.config.hidden_states
         )
-        source = stack.vae.encode((x01_bchw * 2 - 1).to(dtype)).latents  # (B, 4, H/8, W/8)
+        source = vae_encode(stack.vae, x01_bchw)
         latent_hw = tuple(source.shape[-2:])
         x = self.noise(b, latent_hw)
         sigmas = flow_sigmas(stack.scheduler, self.cfg.steps, latent_hw)
         time_ids = torch.tensor([[w, h]], device=x.device, dtype=dtype).expand(b, -1)
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            v = stack.unet(
-                torch.cat([x, source], dim=3),  # (B, 4, h, 2w): generated half | source half
-                timestep=torch.full((b,), sigma * 1000, device=x.device, dtype=dtype),
-                encoder_hidden_states=states.to(dtype),
-                encoder_attention_mask=mask,
-                added_cond_kwargs={"time_ids": time_ids},
-                return_dict=False,
-            )[0][..., : latent_hw[1]]  # the velocity of the generated (left) half
-            x = (x.float() + (sigma_next - sigma) * v.float()).to(dtype)  # Euler step (K=1: noise − v)
+            t = torch.full((b,), sigma * 1000, device=x.device, dtype=dtype)
+            x = euler(x, velocity(stack.unet, x, source, t, states.to(dtype), mask, time_ids), sigma_next - sigma)
         return x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, h, w) → RGB (B, 3, 8h, 8w) float in [0, 1]."""
-        stack, x = self.stack, latents
-        vae_cfg = stack.vae.config
-        image = stack.vae.decode(x / vae_cfg.scaling_factor + (getattr(vae_cfg, "shift_factor", 0.0) or 0.0)).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode(self.stack.vae, latents)
 
     # -- frames in, frames out ---------------------------------------------------------------
 
@@ -167,11 +203,4 @@ class ReferenceStylizer:
     def _stylize_batch(self, frames_bhwc_uint8: np.ndarray) -> np.ndarray:
         geo = geometry(frames_bhwc_uint8.shape[1:3], self.cfg.size, self.multiple, self.cfg.crop)
         x = torch.from_numpy(np.ascontiguousarray(frames_bhwc_uint8)).to(self.stack.device)
-        x = x.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
-        if geo.crop:
-            top, left, side = geo.crop
-            x = x[:, :, top : top + side, left : left + side]
-        y = resize(self.stylize_tensor(resize(x, geo.work_hw)), geo.out_hw)
-        y = (y * 255).round().clamp(0, 255).to(torch.uint8)
-        return y.permute(0, 2, 3, 1).cpu().numpy()  # (B, H', W', 3)
-
+        return to_output(self.stylize_tensor(to_working(x, geo)), geo).cpu().numpy()  # (B, H', W', 3)

@@ -143,3 +143,24 @@ def encode(
     mask = torch.zeros(b, tokens.max_len, dtype=torch.long, device=device)
     mask[:, : kept.shape[1]] = 1
     return F.pad(kept, (0, 0, 0, pad)), mask
+
+
+def encode_text_only(text_encoder, tokenizer, prompt: str, max_len: int, hidden_states: str = "post_norm"):
+    """The static-prompt mode: the decorated instruction without the frame, encoded once.
+    Returns (states (1, max_len, hidden), mask (1, max_len)) laid out as `encode`'s."""
+    template = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "")
+    ids = tokenizer(template.format(decorate(prompt)), add_special_tokens=False)["input_ids"]
+    prefix_len = len(tokenizer(static_prefix(), add_special_tokens=False)["input_ids"])
+    input_ids = torch.tensor([ids], device=text_encoder.device)
+    captured: list[torch.Tensor] = []
+    capture = (
+        _capture_input(text_encoder.language_model.norm, captured)
+        if hidden_states == "pre_norm"
+        else contextlib.nullcontext()
+    )
+    with capture:
+        out = text_encoder(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+    kept = (captured[-1] if hidden_states == "pre_norm" else out.last_hidden_state)[:, prefix_len:][:, :max_len]
+    mask = torch.zeros(1, max_len, dtype=torch.long, device=input_ids.device)
+    mask[:, : kept.shape[1]] = 1
+    return F.pad(kept, (0, 0, 0, max_len - kept.shape[1])), mask

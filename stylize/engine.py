@@ -1,0 +1,275 @@
+"""The streaming engine: the reference math, batched and overlapped on the GPU (DESIGN §5).
+
+    engine = Engine(stack, PipelineConfig(...), EngineConfig(...))
+    engine.reset()                      # a new clip: nothing carries over
+    for batch in decoded_batches:
+        for ready in engine.feed(batch):    # FrameBatch in, finished FrameBatches out
+            encode(ready)
+    for ready in engine.flush(): encode(ready)
+
+Batch n goes through two CUDA streams:
+- side stream: upload of the pinned uint8 frames, resize and normalise, the text encoder (when a
+  refresh is due) and TAESD encode; it ends with the event `ready`;
+- main stream: waits for `ready`, runs the U-Net steps and TAESD decode, resizes to the output size
+  and copies the uint8 result into pinned host memory; it ends with the event `done`.
+`feed(n+1)` issues batch n+1's side work while the GPU still runs batch n's U-Net, and hands back
+batch n once its `done` event has fired: the only wait on the host, on work issued a call earlier.
+No device-wide synchronize, no `.item()`/`.tolist()`/`.cpu()` in the loop. On the CPU the same
+code runs with no streams (the tests check it against the reference path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .config import EngineConfig, PipelineConfig
+from .models import ModelStack
+from .models.text_encoder import encode, encode_text_only, tokenize_prompt
+from .reference import (
+    euler,
+    flow_sigmas,
+    geometry,
+    resize,
+    to_output,
+    to_working,
+    vae_decode,
+    vae_encode,
+    velocity,
+)
+
+log = logging.getLogger(__name__)
+
+
+def thumbnail(frame_hwc_uint8: np.ndarray) -> np.ndarray:
+    """A ~32-pixel grey thumbnail in [0, 1] for cheap scene-cut detection on the host."""
+    h, w = frame_hwc_uint8.shape[:2]
+    step = max(1, max(h, w) // 32)
+    return frame_hwc_uint8[::step, ::step].mean(axis=-1, dtype=np.float32) / 255
+
+
+@dataclass
+class _Pending:
+    """A batch on the GPU: its frames' metadata, the pinned host tensor its output lands in, and
+    the event that fires when it is there."""
+
+    batch: object  # the FrameBatch it came from
+    real: int  # frames before padding
+    out: torch.Tensor  # (B, H', W', 3) uint8, pinned on CUDA
+    done: torch.cuda.Event | None
+
+
+class Engine:
+    """Stateful per clip (`reset`); one prompt at a time (`set_prompt`)."""
+
+    def __init__(self, stack: ModelStack, cfg: PipelineConfig, ecfg: EngineConfig = EngineConfig()):
+        self.stack, self.cfg, self.ecfg = stack, cfg, ecfg
+        self.device = stack.device
+        self.cuda = self.device.type == "cuda"
+        self.main = torch.cuda.current_stream(self.device) if self.cuda else None
+        self.side = torch.cuda.Stream(self.device) if (self.cuda and ecfg.side_stream) else None
+        self.multiple = 8 * 2 ** (len(stack.unet.config.block_out_channels) - 1)
+        self.steps = _Steps(stack)  # the callables the GPU runs; `optimize` may compile them
+        self.fast_te = None
+        if ecfg.fast_te and not ecfg.static_prompt:
+            from .fast_te import FastTextEncoder
+
+            self.fast_te = FastTextEncoder(
+                stack.text_encoder, stack.config.te_image_size, stack.config.hidden_states, ecfg.te_bucket
+            )
+        self.set_prompt(cfg.prompt)
+        self.reset()
+
+    # -- per-clip and per-prompt state ------------------------------------------------------------
+
+    def reset(self) -> None:
+        """A new clip: the schedule restarts, the noise is redrawn from the seed, nothing is pending."""
+        self.generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        self.noise_cache: dict = {}
+        self.batches_since_refresh: int | None = None  # None: the next batch refreshes
+        self.states = self.mask = None
+        self.last_thumb: np.ndarray | None = None
+        self.pending: deque[_Pending] = deque()
+
+    def set_prompt(self, prompt: str) -> None:
+        """Change the instruction; the next batch refreshes the text encoder."""
+        stack = self.stack
+        self.cfg = replace(self.cfg, prompt=prompt)
+        self.tokens = tokenize_prompt(
+            stack.tokenizer, stack.text_encoder.config, prompt, stack.config.te_image_size, stack.config.prompt_max_tokens
+        )
+        if self.fast_te is not None:
+            self.fast_te.set_prompt(self.tokens)
+        self.static_states = None
+        self.batches_since_refresh = None
+
+    def output_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        return geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop).out_hw
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def feed(self, batch) -> list:
+        """Queue a decoded FrameBatch; return the FrameBatches whose output is ready, in order."""
+        frames = batch.frames
+        real, bs = len(frames), self.cfg.batch_size
+        if real < bs:  # static shapes: pad a short batch by repeating its last frame, trim later
+            frames = np.concatenate([frames, np.repeat(frames[-1:], bs - real, axis=0)])
+        refresh = self._refresh_due(batch.frames)
+        geo = geometry(frames.shape[1:3], self.cfg.size, self.multiple, self.cfg.crop)
+        host = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.cuda:
+            host = host.pin_memory()
+
+        with self._on(self.side):
+            # the side stream starts only after work the main stream queued before it (the
+            # previous batch's use of anything it may free)
+            if self.side is not None:
+                self.side.wait_stream(self.main)
+            x = host.to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
+            x01 = to_working(x, geo)  # (B, 3, h, w) in [0, 1]
+            if refresh:
+                self.states, self.mask = self._encode_text(x01)
+            source = self.steps.vae_encode(x01)  # (B, 4, h/8, w/8)
+            states, mask = self.states, self.mask
+            ready = self._record(self.side)
+
+        with self._on(self.main):
+            if ready is not None:
+                self.main.wait_event(ready)  # batch n's inputs are complete before the U-Net reads them
+                for t in (source, states, mask):
+                    t.record_stream(self.main)  # allocated on the side stream, used here: keep alive
+            y01 = self._denoise_decode(source, states, mask, geo)
+            y = to_output(y01, geo)  # (B, H', W', 3) uint8
+            out = torch.empty(y.shape, dtype=torch.uint8, pin_memory=self.cuda)
+            out.copy_(y, non_blocking=self.cuda)
+            self.pending.append(_Pending(batch, real, out, self._record(self.main)))
+        return self._collect(keep=1)
+
+    def flush(self) -> list:
+        """Everything still on the GPU, in order."""
+        return self._collect(keep=0)
+
+    def _collect(self, keep: int) -> list:
+        """Hand back finished batches: those already done, then wait for the older ones so at
+        most `keep` remain queued (the wait is on work issued a call earlier)."""
+        ready = []
+        while self.pending and (len(self.pending) > keep or _fired(self.pending[0].done)):
+            p = self.pending.popleft()
+            if p.done is not None:
+                p.done.synchronize()
+            ready.append(replace(p.batch, frames=p.out.numpy()[: p.real]))
+        return ready
+
+    # -- the pieces -----------------------------------------------------------------------------
+
+    def _refresh_due(self, frames: np.ndarray) -> bool:
+        """Host-side schedule: a new clip or prompt, every M batches, or a scene cut."""
+        first = thumbnail(frames[0])
+        cut = (
+            self.ecfg.scene_cut > 0
+            and self.last_thumb is not None
+            and first.shape == self.last_thumb.shape
+            and float(np.abs(first - self.last_thumb).mean()) > self.ecfg.scene_cut
+        )
+        self.last_thumb = thumbnail(frames[-1])
+        n = self.batches_since_refresh
+        due = n is None or cut or n + 1 >= self.ecfg.te_refresh_every
+        self.batches_since_refresh = 0 if due else n + 1
+        if cut:
+            log.debug("scene cut: refreshing the text encoder")
+        return due
+
+    def _encode_text(self, x01: torch.Tensor):
+        stack, b = self.stack, x01.shape[0]
+        if self.ecfg.static_prompt:
+            if self.static_states is None:
+                self.static_states = encode_text_only(
+                    stack.text_encoder, stack.tokenizer, self.cfg.prompt, self.tokens.max_len, stack.config.hidden_states
+                )
+            states, mask = self.static_states
+            return states.expand(b, -1, -1), mask.expand(b, -1)
+        te_size = stack.config.te_image_size
+        frames = resize(x01[b // 2 : b // 2 + 1] if self.ecfg.te_batch_one else x01, (te_size, te_size))
+        if self.fast_te is not None:
+            states, mask = self.steps.text(self.fast_te, frames)
+        else:
+            states, mask = encode(stack.text_encoder, self.tokens, frames, stack.config.hidden_states)
+        return states.expand(b, -1, -1), mask.expand(b, -1)
+
+    def _noise(self, b: int, latent_hw) -> torch.Tensor:
+        shape = (1 if self.cfg.fixed_noise else b, self.stack.unet.config.in_channels, *latent_hw)
+        if not self.cfg.fixed_noise:
+            return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.stack.dtype)
+        if latent_hw not in self.noise_cache:
+            self.noise_cache[latent_hw] = torch.randn(
+                shape, generator=self.generator, device=self.device, dtype=self.stack.dtype
+            )
+        return self.noise_cache[latent_hw].expand(b, -1, -1, -1)
+
+    def _denoise_decode(self, source, states, mask, geo) -> torch.Tensor:
+        b, dtype = source.shape[0], self.stack.dtype
+        latent_hw = tuple(source.shape[-2:])
+        x = self._noise(b, latent_hw)
+        h, w = geo.work_hw
+        time_ids = torch.tensor([[w, h]], dtype=dtype).expand(b, -1).to(self.device, non_blocking=True)
+        sigmas = self.steps.sigmas(self.cfg.steps, latent_hw)
+        for (sigma, sigma_next), t in zip(zip(sigmas[:-1], sigmas[1:]), self.steps.timesteps(sigmas, b, dtype)):
+            x = euler(x, self.steps.velocity(x, source, t, states.to(dtype), mask, time_ids), sigma_next - sigma)
+        return self.steps.vae_decode(x)
+
+    def _on(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _record(self, stream):
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+
+def _fired(event) -> bool:
+    return event is None or event.query()
+
+
+class _Steps:
+    """The GPU's work as small callables over the plain modules. `optimize.compile_steps` swaps
+    each for its compiled version; the engine never knows which it runs."""
+
+    def __init__(self, stack: ModelStack):
+        self.stack = stack
+        self._sigmas: dict = {}
+        self._timesteps: dict = {}
+
+    def sigmas(self, steps: int, latent_hw) -> list[float]:
+        key = (steps, latent_hw)
+        if key not in self._sigmas:
+            self._sigmas[key] = flow_sigmas(self.stack.scheduler, steps, latent_hw)
+        return self._sigmas[key]
+
+    def timesteps(self, sigmas: list[float], b: int, dtype) -> list[torch.Tensor]:
+        """Per-step timestep vectors (B,), made once and kept on the device."""
+        key = (tuple(sigmas), b, dtype)
+        if key not in self._timesteps:
+            self._timesteps[key] = [
+                torch.full((b,), s * 1000, dtype=dtype, device=self.stack.device) for s in sigmas[:-1]
+            ]
+        return self._timesteps[key]
+
+    def velocity(self, x, source, t, states, mask, time_ids):
+        return velocity(self.stack.unet, x, source, t, states, mask, time_ids)
+
+    def vae_encode(self, x01):
+        return vae_encode(self.stack.vae, x01)
+
+    def vae_decode(self, latents):
+        return vae_decode(self.stack.vae, latents)
+
+    def text(self, fast_te, frames):
+        return fast_te(frames)
