@@ -27,6 +27,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Compile(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class Crop(str, Enum):
     none = "none"
     center = "center"
@@ -79,6 +85,12 @@ def run(
     size: int = typer.Option(512, "--size", help="Long side of the working resolution in pixels."),
     crop: Crop = typer.Option(Crop.none, "--crop", help="'center': the paper's square centre crop."),
     device: Device = typer.Option(Device.auto, "--device", help="Where to run."),
+    compile: Compile = typer.Option(
+        Compile.auto, "--compile", help="Compile the GPU graphs: auto compiles when the clips are long enough to repay it."
+    ),
+    te_every: int = typer.Option(1, "--te-every", help="Run the text encoder every M batches, reusing it between."),
+    te_batch_one: bool = typer.Option(False, "--te-batch-one", help="Encode one frame per batch for the instruction."),
+    static_prompt: bool = typer.Option(False, "--static-prompt", help="Encode the instruction once, without frames."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Replace existing outputs (once the new file is complete)."),
     no_audio: bool = typer.Option(False, "--no-audio", help="Drop the audio."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders of folder inputs."),
@@ -107,9 +119,9 @@ def run(
         raise typer.Exit(1)
 
 
-def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, yes, no_audio, recursive,
-         fps, crf, preset, seed, as_json, quiet, debug) -> None:  # fmt: skip
-    from .config import PipelineConfig, prompt_slug, style_config
+def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, compile, te_every, te_batch_one,
+         static_prompt, yes, no_audio, recursive, fps, crf, preset, seed, as_json, quiet, debug) -> None:  # fmt: skip
+    from .config import EngineConfig, PipelineConfig, prompt_slug, style_config
     from .jobs import plan_jobs
     from .pipeline import OutputConfig
 
@@ -123,6 +135,9 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
     text, tag = (style_config(style).prompt, style) if style else (prompt, prompt_slug(prompt))
     cfg = PipelineConfig(prompt=text, steps=steps, size=size, crop=crop.value, batch_size=batch_size, seed=seed)
     out = OutputConfig(crf=crf, preset=preset, audio=not no_audio, fps=fps)
+    ecfg = EngineConfig(
+        compile=compile.value, te_refresh_every=te_every, te_batch_one=te_batch_one, static_prompt=static_prompt
+    )
     jobs = plan_jobs(inputs, tag, output, recursive)
 
     todo = []
@@ -133,23 +148,25 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
             todo.append(job)
     failed = 0
     if todo:
-        failed = _run_jobs(todo, model, cfg, out, _pick_device(device), err, as_json, quiet, debug)
+        failed = _run_jobs(todo, model, cfg, ecfg, out, _pick_device(device), err, as_json, quiet, debug)
     if len(jobs) > 1:
         err.print(f"{len(jobs) - failed} of {len(jobs)} clips done ({len(jobs) - len(todo)} skipped, {failed} failed)")
     if failed:
         raise typer.Exit(1)
 
 
-def _run_jobs(jobs, model, cfg, out, device, err, as_json, quiet, debug) -> int:
+def _run_jobs(jobs, model, cfg, ecfg, out, device, err, as_json, quiet, debug) -> int:
     """Load the stack once, stylize each clip, keep going past a bad one; returns the failures."""
-    from .config import model_config
+    from .config import EngineConfig, model_config
     from .models import load_stack
     from .pipeline import make_stylizer, stylize_video
 
     _quiet_libraries(debug)
     with err.status(f"loading model '{model}' on {device}"):
         stack = load_stack(model_config(model), device)
-        stylizer = make_stylizer(stack, cfg)
+        # the engine on CUDA, or wherever an engine option was asked for; else the reference path
+        use_engine = device == "cuda" or ecfg != EngineConfig()
+        stylizer = make_stylizer(stack, cfg, ecfg if use_engine else None, _frames_hint(jobs, out))
     failed = 0
     for job in jobs:
         try:
@@ -167,6 +184,19 @@ def _run_jobs(jobs, model, cfg, out, device, err, as_json, quiet, debug) -> int:
                 f"{stats.fps:.1f} fps, latency p50 {stats.latency_p50_ms:.0f} ms, p95 {stats.latency_p95_ms:.0f} ms"
             )
     return failed
+
+
+def _frames_hint(jobs, out) -> int:
+    """About how many frames this run will stylize (for `--compile auto`); unknown counts as 0."""
+    from . import video
+
+    total = 0
+    for job in jobs:
+        try:
+            total += video.probe(job.src, out.fps).frames or 0
+        except Exception:  # a bad clip is reported when its turn comes
+            pass
+    return total
 
 
 class _progress:
@@ -189,7 +219,10 @@ class _progress:
         self.bar.start()
 
         def update(p):
-            self.bar.update(self.task, completed=p.done, total=p.total, fps=p.done / p.elapsed_s if p.elapsed_s else 0.0)
+            self.bar.update(
+                self.task, completed=p.done, total=p.total, fps=p.done / p.elapsed_s if p.elapsed_s else 0.0,
+                description=f"{self.name} [{p.status}]" if p.status else self.name,
+            )  # fmt: skip
 
         return update
 

@@ -82,8 +82,23 @@ class Engine:
             self.fast_te = FastTextEncoder(
                 stack.text_encoder, stack.config.te_image_size, stack.config.hidden_states, ecfg.te_bucket
             )
+        self.compile_keys: dict = {}  # work_hw -> compile-cache key, once its warm-up has been saved
         self.set_prompt(cfg.prompt)
         self.reset()
+
+    def enable_compile(self, backend: str = "inductor") -> None:
+        """Compile the steps (optimize.py); compiled graphs are cached across runs per geometry."""
+        from .optimize import compile_steps
+
+        compile_steps(self.steps, self.ecfg.cuda_graphs, backend)
+
+    @property
+    def compiled(self) -> bool:
+        return getattr(self.steps, "compiled", False)
+
+    def warming_up(self, in_hw) -> bool:
+        """True when the next batch of this size will compile (a one-time step per geometry)."""
+        return self.compiled and geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop).work_hw not in self.compile_keys
 
     # -- per-clip and per-prompt state ------------------------------------------------------------
 
@@ -122,6 +137,12 @@ class Engine:
             frames = np.concatenate([frames, np.repeat(frames[-1:], bs - real, axis=0)])
         refresh = self._refresh_due(batch.frames)
         geo = geometry(frames.shape[1:3], self.cfg.size, self.multiple, self.cfg.crop)
+        warm_up = self.compiled and geo.work_hw not in self.compile_keys
+        if warm_up:
+            from . import optimize
+
+            key = optimize.config_key(self.stack, self.cfg, self.ecfg, geo.work_hw)
+            optimize.load_artifacts(key)  # a saved warm-up turns the compile into cache hits
         host = torch.from_numpy(np.ascontiguousarray(frames))
         if self.cuda:
             host = host.pin_memory()
@@ -140,6 +161,8 @@ class Engine:
             ready = self._record(self.side)
 
         with self._on(self.main):
+            if getattr(self.steps, "compiled", False):
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are dead
             if ready is not None:
                 self.main.wait_event(ready)  # batch n's inputs are complete before the U-Net reads them
                 for t in (source, states, mask):
@@ -149,6 +172,13 @@ class Engine:
             out = torch.empty(y.shape, dtype=torch.uint8, pin_memory=self.cuda)
             out.copy_(y, non_blocking=self.cuda)
             self.pending.append(_Pending(batch, real, out, self._record(self.main)))
+        if warm_up:
+            from . import optimize
+
+            ready = self._collect(keep=0)  # the warm-up batch: compiled and run once
+            self.compile_keys[geo.work_hw] = key
+            optimize.save_artifacts(key)
+            return ready
         return self._collect(keep=1)
 
     def flush(self) -> list:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from . import video
-from .config import PipelineConfig
+from .config import EngineConfig, PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Progress:
     done: int
     total: int | None
     elapsed_s: float
+    status: str = ""  # e.g. a one-time compile in progress
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,27 @@ def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 95))
 
 
-def make_stylizer(stack, cfg: PipelineConfig):
-    """The stylizer for this stack: the sequential reference path (the engine takes over on CUDA)."""
+def make_stylizer(stack, cfg: PipelineConfig, ecfg: EngineConfig | None = None, frames_hint: int | None = None):
+    """The streaming engine on CUDA (compiled when `ecfg.compile` says so for about
+    `frames_hint` frames); the plain reference path on the CPU unless an EngineConfig is given."""
     from .reference import ReferenceStylizer
 
-    return ReferenceStylizer(stack, cfg)
+    if ecfg is None and stack.device.type != "cuda":
+        return ReferenceStylizer(stack, cfg)
+    from .engine import Engine
+    from .optimize import should_compile
+
+    ecfg = ecfg or EngineConfig()
+    engine = Engine(stack, cfg, ecfg)
+    if should_compile(ecfg.compile, stack.device, frames_hint, warm=_any_warm_cache()):
+        engine.enable_compile()
+    return engine
+
+
+def _any_warm_cache() -> bool:
+    from .optimize import cache_root
+
+    return any((cache_root() / "compiled").glob("*.bin"))
 
 
 def stylize_video(
@@ -103,6 +120,8 @@ def stylize_video(
     with video.VideoWriter(dst, target, crf=out.crf, preset=out.preset, audio=out.audio) as writer:
         for batch in video.read_batches(info, stylizer.cfg.batch_size):
             first = first or batch.decoded_at[0]
+            if on_progress and getattr(stylizer, "warming_up", lambda hw: False)(batch.frames.shape[1:3]):
+                on_progress(Progress(done, info.frames, time.perf_counter() - first, "compiling (one-time, cached)"))
             for ready in stylizer.feed(batch):
                 emit(ready)
         for ready in stylizer.flush():

@@ -1,0 +1,175 @@
+"""The streaming engine on the CPU: same function as the reference, its schedules, its state,
+and its compiled graphs (no graph breaks, no recompiles)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from stylize.config import EngineConfig, PipelineConfig
+from stylize.engine import Engine
+from stylize.fast_te import FastTextEncoder
+from stylize.models.text_encoder import encode, tokenize_prompt
+from stylize.reference import ReferenceStylizer
+from stylize.video import FrameBatch
+
+OIL = "transfer this to oil painting style, vibrant colors"
+WATER = "transfer this to watercolor painting style"
+
+
+def _clip(n=10, h=48, w=80, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def run(engine, frames, bs=4):
+    out = []
+    for s in range(0, len(frames), bs):
+        chunk = frames[s : s + bs]
+        out += engine.feed(FrameBatch(chunk, list(range(s, s + len(chunk))), [0.0] * len(chunk)))
+    out += engine.flush()
+    assert sum((b.pts for b in out), []) == list(range(len(frames)))  # every frame once, in order
+    return np.concatenate([b.frames for b in out])
+
+
+def count_text_calls(engine):
+    calls = []
+    text = engine.steps.text
+
+    def counted(fast_te, frames):
+        calls.append(frames.shape[0])
+        return text(fast_te, frames)
+
+    engine.steps.text = counted
+    return calls
+
+
+@pytest.mark.parametrize("fast_te", [True, False])
+def test_engine_equals_reference(tiny_stack, fast_te):
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=4)
+    frames = _clip(10)  # two full batches and a padded one
+    ref = ReferenceStylizer(tiny_stack, cfg).stylize(frames)
+    got = run(Engine(tiny_stack, cfg, EngineConfig(fast_te=fast_te)), frames)
+    assert got.shape == ref.shape and np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("hidden_states", ["post_norm", "pre_norm"])
+def test_fast_text_encoder_equals_stock_call(tiny_stack, hidden_states):
+    te = tiny_stack.text_encoder
+    fast = FastTextEncoder(te, 64, hidden_states, bucket=16)
+    for prompt in (OIL, WATER, "x"):
+        tokens = tokenize_prompt(tiny_stack.tokenizer, te.config, prompt, 64, 64)
+        fast.set_prompt(tokens)
+        for b in (1, 3):
+            x = torch.rand(b, 3, 64, 64)
+            want, want_mask = encode(te, tokens, x, hidden_states)
+            got, mask = fast(x)
+            assert torch.equal(mask, want_mask)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_te_refresh_schedule(tiny_stack):
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    engine = Engine(tiny_stack, cfg, EngineConfig(te_refresh_every=3, scene_cut=0))
+    calls = count_text_calls(engine)
+    frames = np.repeat(_clip(1), 14, axis=0)  # one still scene: 7 batches
+    run(engine, frames, bs=2)
+    assert len(calls) == 3  # batches 0, 3, 6
+    engine.reset()  # a new clip refreshes at once
+    run(engine, frames[:2], bs=2)
+    assert len(calls) == 4
+    engine.set_prompt(WATER)  # a prompt change refreshes at once
+    run(engine, frames[:4], bs=2)
+    assert len(calls) == 5
+
+
+def test_scene_cut_forces_refresh(tiny_stack):
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    engine = Engine(tiny_stack, cfg, EngineConfig(te_refresh_every=100))
+    calls = count_text_calls(engine)
+    dark = np.full((4, 48, 80, 3), 10, np.uint8)
+    bright = np.full((4, 48, 80, 3), 240, np.uint8)
+    run(engine, np.concatenate([dark, bright]), bs=2)  # batches: dark, dark, bright (cut), bright
+    assert len(calls) == 2
+
+
+def test_te_reuse_changes_output_by_design_and_refresh_restores_it(tiny_stack):
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    frames = _clip(4, seed=5)
+    every = run(Engine(tiny_stack, cfg, EngineConfig(scene_cut=0)), frames, bs=2)
+    reuse = run(Engine(tiny_stack, cfg, EngineConfig(te_refresh_every=2, scene_cut=0)), frames, bs=2)
+    assert np.array_equal(every[:2], reuse[:2])  # the refreshed batch is identical
+    assert not np.array_equal(every[2:], reuse[2:])  # the reusing batch is not
+
+
+def test_te_batch_one(tiny_stack):
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=4)
+    engine = Engine(tiny_stack, cfg, EngineConfig(te_batch_one=True))
+    calls = count_text_calls(engine)
+    still = np.repeat(_clip(1), 4, axis=0)
+    got = run(engine, still)
+    assert calls == [1]
+    # with identical frames the representative frame's states are every frame's states
+    assert np.array_equal(got, ReferenceStylizer(tiny_stack, cfg).stylize(still))
+
+
+def test_static_prompt_encodes_text_once(tiny_stack, monkeypatch):
+    import stylize.engine as engine_mod
+
+    calls = []
+    real = engine_mod.encode_text_only
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine_mod, "encode_text_only", counted)
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    engine = Engine(tiny_stack, cfg, EngineConfig(static_prompt=True))
+    out = run(engine, _clip(6), bs=2)
+    assert len(calls) == 1 and out.shape == (6, 48, 80, 3)
+
+
+def test_nothing_leaks_between_clips(tiny_stack):
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2, fixed_noise=False)
+    a, b = _clip(4, seed=1), _clip(6, h=40, w=40, seed=2)
+    engine = Engine(tiny_stack, cfg, EngineConfig(te_refresh_every=4))
+    first = run(engine, a, bs=2)
+    engine.reset()
+    run(engine, b, bs=2)
+    engine.reset()
+    again = run(engine, a, bs=2)
+    assert np.array_equal(first, again)
+    assert not engine.pending
+
+
+def test_compiled_engine_no_graph_breaks_no_recompiles(tiny_stack):
+    """Three-plus batches with a TE refresh, a TE reuse, a prompt change in the same length bucket
+    and a new clip: each step compiles once (fullgraph) and never recompiles."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    engine = Engine(tiny_stack, cfg, EngineConfig(te_refresh_every=2, scene_cut=0))
+    engine.enable_compile(backend="aot_eager")
+    oil_shape = engine.fast_te.prompt_shape
+    frames = _clip(6, seed=3)
+    with dynamo.config.patch(error_on_recompile=True):
+        compiled = run(engine, frames, bs=2)  # refresh, reuse, refresh
+        engine.set_prompt(WATER)
+        assert engine.fast_te.prompt_shape == oil_shape  # same bucket: same static shapes
+        run(engine, frames[:4], bs=2)
+        engine.reset()
+        run(engine, frames[:2], bs=2)
+    eager = run(Engine(tiny_stack, cfg, EngineConfig(te_refresh_every=2, scene_cut=0)), frames, bs=2)
+    assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
+    dynamo.reset()
+
+
+def test_output_hw_and_crop(tiny_stack):
+    cfg = dataclasses.replace(PipelineConfig(prompt=OIL, size=64, batch_size=2), crop="center")
+    engine = Engine(tiny_stack, cfg)
+    assert engine.output_hw((48, 80)) == (48, 48)
+    assert run(engine, _clip(3), bs=2).shape == (3, 48, 48, 3)
