@@ -276,16 +276,35 @@ def _produce(info: VideoInfo, batch_size: int, out: queue.Queue, stop: threading
 
 
 def read_batches(path_or_info: str | os.PathLike | VideoInfo, batch_size: int,
-                 fps: Fraction | float | None = None) -> Iterator[FrameBatch]:
+                 fps: Fraction | float | None = None, realtime: bool = False) -> Iterator[FrameBatch]:
     """FrameBatch items of batch_size frames (the last may be shorter), every frame once.
 
     Probes now (InputError is raised here). Decoding starts at the first next() on a background
     thread a few batches ahead; closing the iterator (close(), break) stops and joins it.
+    realtime: deliver frames no sooner than their timestamps say (as a live source, or ffmpeg's
+    -re); each frame's decoded_at is then the moment it would have arrived.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     info = path_or_info if isinstance(path_or_info, VideoInfo) else probe(path_or_info, fps)
-    return _consume(info, batch_size)
+    batches = _consume(info, batch_size)
+    return _paced(batches, info.time_base) if realtime else batches
+
+
+def _paced(batches: Iterator[FrameBatch], time_base: Fraction) -> Iterator[FrameBatch]:
+    t0 = pts0 = None
+    try:
+        for batch in batches:
+            if t0 is None:
+                t0, pts0 = batch.decoded_at[0], batch.pts[0]
+            arrivals = [t0 + float((p - pts0) * time_base) for p in batch.pts]
+            wait = arrivals[-1] - time.perf_counter()  # the batch is complete when its last frame arrives
+            if wait > 0:
+                time.sleep(wait)
+            batch.decoded_at = [max(d, a) for d, a in zip(batch.decoded_at, arrivals)]
+            yield batch
+    finally:
+        batches.close()
 
 
 def _consume(info: VideoInfo, batch_size: int) -> Iterator[FrameBatch]:

@@ -549,3 +549,21 @@ def test_writer_rejects_bad_frames_and_names(tmp_path):
     with pytest.raises(OutputError, match="no frames"), VideoWriter(tmp_path / "out.mp4", info, **FAST):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.mp4"]
+
+
+def test_realtime_pacing_delivers_frames_at_their_timestamps(tmp_path):
+    """realtime=True: a 12-frame 24 fps clip takes about 0.5 s to arrive, and each frame's
+    decoded_at is its arrival time (t0 + its timestamp)."""
+    import time as _time
+
+    from tests.conftest import write_clip
+
+    clip = write_clip(tmp_path / "paced.mp4", frames=12, fps=24)
+    start = _time.perf_counter()
+    batches = list(read_batches(clip, 4, realtime=True))
+    took = _time.perf_counter() - start
+    assert sum(len(b.pts) for b in batches) == 12
+    assert 11 / 24 - 0.05 <= took < 1.5
+    arrivals = [t for b in batches for t in b.decoded_at]
+    gaps = np.diff(arrivals)
+    assert np.allclose(gaps, 1 / 24, atol=0.01)
