@@ -400,6 +400,8 @@ class VideoWriter:
     A context manager: frames go to a hidden temporary file beside dst
     (.<name>.partial-<random>.mp4), renamed onto dst only after a clean exit. On any exception,
     KeyboardInterrupt included, the temporary file is deleted and dst is left as it was.
+    Colour conversion, encoding and muxing run on a background thread behind a bounded queue, so
+    `write` returns at once; an error there is raised by the next `write` or at the exit.
     """
 
     def __init__(self, dst: str | os.PathLike, info: VideoInfo, crf: int = 18,
@@ -420,6 +422,10 @@ class VideoWriter:
         self.written, self.durations = 0, {}
         self.shift = info.ticks(info.start_time)
         self.sws = VideoReformatter()
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.worker: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.queued_last_pts = None
 
     def __enter__(self) -> VideoWriter:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
@@ -431,7 +437,25 @@ class VideoWriter:
             if isinstance(exc, (av.FFmpegError, OSError)):
                 raise OutputError(f"{self.dst}: cannot write here ({exc})") from exc
             raise
+        self.worker = threading.Thread(target=self._work, name=f"encode:{self.dst.name}", daemon=True)
+        self.worker.start()
         return self
+
+    def _work(self) -> None:
+        """The encode thread: frames off the queue into the container until the None sentinel."""
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write_now(*item)
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    self.error = exc
+
+    def _stop_worker(self) -> None:
+        if self.worker is None:
+            return
+        self.queue.put(None)
+        self.worker.join()
+        self.worker = None
 
     def _open(self) -> None:
         info = self.info
@@ -461,6 +485,15 @@ class VideoWriter:
             raise ValueError(f"got {len(frames)} frames but {len(pts)} timestamps")
         if self.container is None:
             raise RuntimeError("VideoWriter.write() called outside its with-block")
+        for stamp in pts:
+            if self.queued_last_pts is not None and stamp <= self.queued_last_pts:
+                raise ValueError(f"timestamps must increase: {stamp} after {self.queued_last_pts}")
+            self.queued_last_pts = stamp
+        if self.error is not None:
+            raise self.error
+        self.queue.put((frames, pts))  # blocks only when the encoder is a few batches behind
+
+    def _write_now(self, frames: np.ndarray, pts: list[int]) -> None:
         for image, stamp in zip(frames, pts):
             if self.last_pts is not None:
                 if stamp <= self.last_pts:
@@ -524,6 +557,11 @@ class VideoWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
+            if exc_type is not None:
+                self.error = self.error or exc  # the thread skips what is left in the queue
+            self._stop_worker()
+            if exc_type is None and self.error is not None:
+                raise self.error
             if exc_type is None:
                 self._finish()
         except (av.FFmpegError, OSError) as error:
