@@ -83,6 +83,7 @@ class Engine:
                 stack.text_encoder, stack.config.te_image_size, stack.config.hidden_states, ecfg.te_bucket
             )
         self.compile_keys: dict = {}  # work_hw -> compile-cache key, once its warm-up has been saved
+        self.timeline: list | None = None  # set to [] to record (batch, stage, stream, start, end) events
         self.set_prompt(cfg.prompt)
         self.reset()
 
@@ -110,6 +111,7 @@ class Engine:
         self.states = self.mask = None
         self.last_thumb: np.ndarray | None = None
         self.pending: deque[_Pending] = deque()
+        self.fed = 0  # batches fed in this clip
 
     def set_prompt(self, prompt: str) -> None:
         """Change the instruction; the next batch refreshes the text encoder."""
@@ -147,16 +149,20 @@ class Engine:
         if self.cuda:
             host = host.pin_memory()
 
+        side = self.side or self.main
         with self._on(self.side):
             # the side stream starts only after work the main stream queued before it (the
             # previous batch's use of anything it may free)
             if self.side is not None:
                 self.side.wait_stream(self.main)
-            x = host.to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
-            x01 = to_working(x, geo)  # (B, 3, h, w) in [0, 1]
+            with self._stage("prep", side):
+                x = host.to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
+                x01 = to_working(x, geo)  # (B, 3, h, w) in [0, 1]
             if refresh:
-                self.states, self.mask = self._encode_text(x01)
-            source = self.steps.vae_encode(x01)  # (B, 4, h/8, w/8)
+                with self._stage("te", side):
+                    self.states, self.mask = self._encode_text(x01)
+            with self._stage("vae_enc", side):
+                source = self.steps.vae_encode(x01)  # (B, 4, h/8, w/8)
             states, mask = self.states, self.mask
             ready = self._record(self.side)
 
@@ -167,11 +173,16 @@ class Engine:
                 self.main.wait_event(ready)  # batch n's inputs are complete before the U-Net reads them
                 for t in (source, states, mask):
                     t.record_stream(self.main)  # allocated on the side stream, used here: keep alive
-            y01 = self._denoise_decode(source, states, mask, geo)
-            y = to_output(y01, geo)  # (B, H', W', 3) uint8
-            out = torch.empty(y.shape, dtype=torch.uint8, pin_memory=self.cuda)
-            out.copy_(y, non_blocking=self.cuda)
+            with self._stage("unet", self.main):
+                latents = self._denoise(source, states, mask, geo)
+            with self._stage("vae_dec", self.main):
+                y01 = self.steps.vae_decode(latents)
+            with self._stage("out", self.main):
+                y = to_output(y01, geo)  # (B, H', W', 3) uint8
+                out = torch.empty(y.shape, dtype=torch.uint8, pin_memory=self.cuda)
+                out.copy_(y, non_blocking=self.cuda)
             self.pending.append(_Pending(batch, real, out, self._record(self.main)))
+        self.fed += 1
         if warm_up:
             from . import optimize
 
@@ -242,7 +253,7 @@ class Engine:
             )
         return self.noise_cache[latent_hw].expand(b, -1, -1, -1)
 
-    def _denoise_decode(self, source, states, mask, geo) -> torch.Tensor:
+    def _denoise(self, source, states, mask, geo) -> torch.Tensor:
         b, dtype = source.shape[0], self.stack.dtype
         latent_hw = tuple(source.shape[-2:])
         x = self._noise(b, latent_hw)
@@ -251,7 +262,19 @@ class Engine:
         sigmas = self.steps.sigmas(self.cfg.steps, latent_hw)
         for (sigma, sigma_next), t in zip(zip(sigmas[:-1], sigmas[1:]), self.steps.timesteps(sigmas, b, dtype)):
             x = euler(x, self.steps.velocity(x, source, t, states.to(dtype), mask, time_ids), sigma_next - sigma)
-        return self.steps.vae_decode(x)
+        return x
+
+    @contextlib.contextmanager
+    def _stage(self, name: str, stream):
+        """Bracket a stage with timing events when a timeline is being recorded (benchmarks)."""
+        if self.timeline is None or stream is None:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        yield
+        end.record(stream)
+        self.timeline.append((self.fed, name, "main" if stream == self.main else "side", start, end))
 
     def _on(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -28,6 +28,7 @@ class OutputConfig:
     preset: str = "medium"
     audio: bool = True
     fps: float | None = None  # frame rate of a numbered-image folder (default 24)
+    realtime: bool = False  # decode no faster than the timestamps (a live source; for latency)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def stylize_video(
             on_progress(Progress(done, info.frames, now - first))
 
     with video.VideoWriter(dst, target, crf=out.crf, preset=out.preset, audio=out.audio) as writer:
-        for batch in video.read_batches(info, stylizer.cfg.batch_size):
+        for batch in video.read_batches(info, stylizer.cfg.batch_size, realtime=out.realtime):
             first = first or batch.decoded_at[0]
             if on_progress and getattr(stylizer, "warming_up", lambda hw: False)(batch.frames.shape[1:3]):
                 on_progress(Progress(done, info.frames, time.perf_counter() - first, "compiling (one-time, cached)"))

@@ -91,3 +91,15 @@ def write_clip(path: Path, frames: int = 10, size: tuple[int, int] = (64, 48), f
 @pytest.fixture
 def clip(tmp_path):
     return write_clip(tmp_path / "clip.mp4")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run on the device machine only; elsewhere they skip with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""The GPU benchmark ladder (DESIGN §6): one row per configuration, written as JSON and a table.
+
+    python scripts/bench.py --clip parkour.mp4 --rows a,b8,c8,d8 --out benchmarks/results/x.json
+
+Protocol: the `random-full` stack at 512x512 (centre crop of the 512² DAVIS clip), `parkour`
+looped to --frames frames, real PyAV decode and encode (stylize_video, the CLI's own path).
+Per row: wall-clock fps from the first decoded frame to the last encoded one, after a warm-up run
+(compile included) whose time is reported beside it; the reference runtime's "step-only" fps
+(frames over the summed GPU time of TE + VAE + U-Net per batch); per-frame latency p50/p95 from
+decode to hand-off to the encoder, decoding flat out and paced at the clip's frame rate; peak GPU
+memory; a per-stage timeline from CUDA events; the share of the measured bf16 matmul ceiling; and
+the max/mean abs difference (0-255) from the reference row on the same frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stylize import video  # noqa: E402
+from stylize.config import EngineConfig, PipelineConfig, model_config, style_config  # noqa: E402
+from stylize.engine import Engine  # noqa: E402
+from stylize.models import load_stack  # noqa: E402
+from stylize.pipeline import OutputConfig, stylize_video  # noqa: E402
+from stylize.reference import ReferenceStylizer  # noqa: E402
+
+# GFLOP per 512² frame (DESIGN §3, measured with a FLOP counter): the work a row is credited with.
+FLOPS_UNET_STEP, FLOPS_TE_256, FLOPS_TAESD = 652.6, 661.0, 263.0
+
+# name -> (batch size, engine config or None for the reference path, compile, paced run)
+ROWS = {
+    "a": (1, None, False, False),  # the sequential reference path, one frame at a time
+    **{f"b{b}": (b, EngineConfig(side_stream=False, fast_te=False, compile="off"), False, False) for b in (8, 16)},
+    **{f"c{b}": (b, EngineConfig(fast_te=False, compile="off"), False, False) for b in (8, 16)},
+    **{f"cf{b}": (b, EngineConfig(compile="off"), False, False) for b in (8, 16)},  # + fast TE, eager
+    **{f"d{b}": (b, EngineConfig(compile="on"), True, True) for b in (8, 16)},
+    **{f"dn{b}": (b, EngineConfig(compile="on", side_stream=False), True, False) for b in (8, 16)},
+    **{f"fm{b}": (b, EngineConfig(compile="on", te_refresh_every=8), True, True) for b in (8, 16)},
+    **{f"fo{b}": (b, EngineConfig(compile="on", te_batch_one=True), True, False) for b in (8, 16)},
+    **{f"fs{b}": (b, EngineConfig(compile="on", static_prompt=True), True, False) for b in (8, 16)},
+}
+
+
+def matmul_ceiling_tflops() -> float:
+    """The measured bf16 matmul ceiling: an 8192³ product on random data, median of 10."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    return 2 * 8192**3 / float(np.median(times)) / 1e12
+
+
+def looped_clip(src: Path, frames: int, folder: Path) -> Path:
+    """`src` looped to `frames` frames, re-encoded once (near-lossless) with continuous timestamps."""
+    info = video.probe(src)
+    dst = folder / f"{src.stem}_x{frames}.mp4"
+    batches = [b for b in video.read_batches(info, 64)]
+    clip = np.concatenate([b.frames for b in batches])
+    step = info.nominal_ticks
+    with video.VideoWriter(dst, info, crf=10, preset="veryfast", audio=False) as w:
+        for start in range(0, frames, 64):
+            idx = [i % len(clip) for i in range(start, min(frames, start + 64))]
+            w.write(clip[idx], [i * step for i in range(start, start + len(idx))])
+    return dst
+
+
+def timeline_summary(timeline: list, batch_size: int) -> dict:
+    """Per-stage median GPU ms per batch, busy time per stream and the GPU's idle share."""
+    torch.cuda.synchronize()
+    origin = timeline[0][3]
+    spans, per_stage = [], {}
+    per_batch_gpu: dict[int, float] = {}
+    for batch, stage, stream, start, end in timeline:
+        t0, t1 = origin.elapsed_time(start), origin.elapsed_time(end)
+        spans.append((t0, t1, stream))
+        per_stage.setdefault(stage, []).append(t1 - t0)
+        if stage in ("te", "vae_enc", "unet", "vae_dec"):
+            per_batch_gpu[batch] = per_batch_gpu.get(batch, 0.0) + (t1 - t0)
+    wall = max(t1 for _, t1, _ in spans) - min(t0 for t0, _, _ in spans)
+    busy = _union([(a, b) for a, b, _ in spans])
+    per_stream = {s: _union([(a, b) for a, b, st in spans if st == s]) for s in ("main", "side")}
+    step_ms = float(np.median(list(per_batch_gpu.values())))
+    return {
+        "stage_ms_median": {k: round(float(np.median(v)), 2) for k, v in per_stage.items()},
+        "stage_calls": {k: len(v) for k, v in per_stage.items()},
+        "stream_busy_ms": {k: round(v, 1) for k, v in per_stream.items()},
+        "gpu_span_ms": round(wall, 1),
+        "gpu_idle_share": round(1 - busy / wall, 3) if wall else None,
+        "streams_overlap_ms": round(per_stream["main"] + per_stream["side"] - busy, 1),
+        "step_only_fps": round(batch_size / step_ms * 1000, 1),
+    }
+
+
+def _union(intervals) -> float:
+    total, end = 0.0, -1e18
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+SIZE = 512
+
+
+def make(stack, name: str, prompt: str, seed: int = 0):
+    batch, ecfg, compile_, _ = ROWS[name]
+    cfg = PipelineConfig(prompt=prompt, size=SIZE, crop="center", batch_size=batch, seed=seed)
+    if ecfg is None:
+        return ReferenceStylizer(stack, cfg)
+    engine = Engine(stack, cfg, ecfg)
+    if compile_:
+        engine.enable_compile()
+    return engine
+
+
+def outputs(stylizer, frames: np.ndarray) -> np.ndarray:
+    """The stylizer's uint8 output for `frames`, fed in its batch size, from a fresh clip state."""
+    stylizer.reset()
+    bs = stylizer.cfg.batch_size
+    out = []
+    for s in range(0, len(frames), bs):
+        chunk = frames[s : s + bs]
+        out += stylizer.feed(video.FrameBatch(chunk, list(range(s, s + len(chunk))), [0.0] * len(chunk)))
+    out += stylizer.flush()
+    return np.concatenate([b.frames for b in out])
+
+
+def run_row(stack, name, clip, frames_total, prompt, ceiling, parity, ref_out, tmp, paced_frames):
+    batch, ecfg, compile_, paced = ROWS[name]
+    print(f"[{name}] building", flush=True)
+    t = time.perf_counter()
+    stylizer = make(stack, name, prompt)
+    enc = OutputConfig(crf=18, preset="veryfast", audio=False)
+    # warm-up: compile (when on) and first batches, timed on their own
+    warm_clip = video.probe(clip)
+    warm_n = batch * 3
+    warm_src = tmp / f"warm_{name}.mp4"
+    with video.VideoWriter(warm_src, warm_clip, crf=10, preset="ultrafast", audio=False) as w:
+        b = next(iter(video.read_batches(clip, warm_n)))
+        w.write(b.frames, b.pts)
+    stylize_video(warm_src, tmp / f"warm_{name}_out.mp4", stylizer, enc)
+    warmup_s = time.perf_counter() - t
+    print(f"[{name}] warm-up {warmup_s:.1f} s", flush=True)
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if isinstance(stylizer, Engine) and cuda:
+        stylizer.timeline = []
+    stats = stylize_video(clip, tmp / f"{name}_out.mp4", stylizer, enc)
+    row = {
+        "row": name, "batch": batch, "engine": dataclasses.asdict(ecfg) if ecfg else None, "compiled": compile_,
+        "frames": stats.frames, "wall_s": round(stats.seconds, 2), "fps": round(stats.fps, 1),
+        "warmup_s": round(warmup_s, 1), "latency_p50_ms": round(stats.latency_p50_ms, 1),
+        "latency_p95_ms": round(stats.latency_p95_ms, 1),
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+    }  # fmt: skip
+    if isinstance(stylizer, Engine) and cuda:
+        row["timeline"] = timeline_summary(stylizer.timeline, batch)
+        row["step_only_fps"] = row["timeline"]["step_only_fps"]
+        stylizer.timeline = None
+    te_share = 1.0
+    if ecfg is not None:
+        te_share = 0.0 if ecfg.static_prompt else (1 / batch if ecfg.te_batch_one else 1 / ecfg.te_refresh_every)
+    gflop = FLOPS_UNET_STEP + FLOPS_TE_256 * te_share + FLOPS_TAESD
+    row["gflop_per_frame"] = round(gflop, 1)
+    row["ceiling_share"] = round(gflop * 1e9 * stats.fps / (ceiling * 1e12), 3)
+    if paced:
+        paced_src = tmp / f"paced_{name}.mp4"
+        if not paced_src.exists():
+            looped = looped_clip(clip, paced_frames, tmp)
+            looped.rename(paced_src)
+        p = _paced_latency(paced_src, stylizer, tmp / f"{name}_paced.mp4", enc)
+        row.update(p)
+    out = outputs(stylizer, parity)
+    if ref_out is not None:
+        d = np.abs(out.astype(np.int16) - ref_out.astype(np.int16))
+        row["max_abs_diff_vs_ref"], row["mean_abs_diff_vs_ref"] = int(d.max()), round(float(d.mean()), 3)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("engine", "timeline")}), flush=True)
+    if "timeline" in row:
+        print(f"[{name}] timeline {json.dumps(row['timeline'])}", flush=True)
+    del stylizer
+    if cuda:
+        torch.cuda.empty_cache()
+    return row, out
+
+
+def _paced_latency(src, stylizer, dst, enc) -> dict:
+    """Latency with decode paced at the clip's frame rate (a live source)."""
+    stats = stylize_video(src, dst, stylizer, dataclasses.replace(enc, realtime=True))
+    return {"paced_frames": stats.frames, "paced_latency_p50_ms": round(stats.latency_p50_ms, 1),
+            "paced_latency_p95_ms": round(stats.latency_p95_ms, 1), "paced_fps": round(stats.fps, 1)}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clip", type=Path, required=True, help="parkour.mp4 from shared/media/davis512sq")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--frames", type=int, default=480)
+    ap.add_argument("--paced-frames", type=int, default=240)
+    ap.add_argument("--rows", default="a,b8,b16,c8,c16,cf8,cf16")
+    ap.add_argument("--ref", default="a", help="the row the others are compared with")
+    ap.add_argument("--ref-from", type=Path, help="a .npy of the reference row's outputs from an earlier call")
+    ap.add_argument("--model", default="random-full")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--save-ref", type=Path, help="write the reference row's outputs here (.npy)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (tiny model)")
+    args = ap.parse_args()
+
+    cuda = args.device == "cuda"
+    global SIZE
+    SIZE = args.size
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    ceiling = matmul_ceiling_tflops() if cuda else 1.0
+    print(f"{gpu}: bf16 matmul ceiling {ceiling:.0f} TFLOP/s", flush=True)
+    t = time.perf_counter()
+    stack = load_stack(model_config(args.model), args.device)
+    load_s = time.perf_counter() - t
+    prompt = style_config("oil").prompt
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    clip = looped_clip(args.clip, args.frames, tmp)
+    parity = np.concatenate([b.frames for b in video.read_batches(clip, 16)])[:16]
+
+    import diffusers
+    import transformers
+
+    result = {
+        "gpu": gpu, "date": datetime.date.today().isoformat(), "host": platform.node(),
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "av": video.av.__version__, "python": platform.python_version()},
+        "command": " ".join(sys.argv), "model": args.model, "prompt": prompt, "clip": str(args.clip),
+        "frames": args.frames, "size": args.size, "steps": 1, "bf16_ceiling_tflops": round(ceiling, 1),
+        "model_load_s": round(load_s, 1), "rows": [],
+    }  # fmt: skip
+    ref_out = np.load(args.ref_from) if args.ref_from else None
+    compiled_out: dict[int, np.ndarray] = {}  # rows (f) change the output by design: compare with (d)
+    for name in args.rows.split(","):
+        batch = ROWS[name][0]
+        base = compiled_out.get(batch) if name.startswith("f") else ref_out
+        row, out = run_row(stack, name, clip, args.frames, prompt, ceiling, parity, base, tmp, args.paced_frames)
+        if name.startswith("f"):
+            row["diff_against"] = f"d{batch}" if base is not None else None
+        if name.startswith("d"):
+            compiled_out[batch] = out
+        if name == args.ref:
+            ref_out = out
+            if args.save_ref:
+                np.save(args.save_ref, out)
+        result["rows"].append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))  # after every row: a killed run keeps its rows
+    print_table(result)
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['gpu']}  torch {result['versions']['torch']}  ceiling {result['bf16_ceiling_tflops']} TFLOP/s")
+    print(f"{'row':6} {'B':>3} {'fps':>7} {'step':>7} {'p50':>6} {'p95':>6} {'paced50':>7} {'warm s':>7} {'GiB':>5} {'ceil%':>6} {'maxdiff':>7}")
+    for r in result["rows"]:
+        r = {k: ("" if v is None else v) for k, v in r.items()}
+        print(
+            f"{r['row']:6} {r['batch']:>3} {r['fps']:>7} {r.get('step_only_fps', ''):>7} {r['latency_p50_ms']:>6} "
+            f"{r['latency_p95_ms']:>6} {r.get('paced_latency_p50_ms', ''):>7} {r['warmup_s']:>7} "
+            f"{r['peak_gpu_mem_gib']:>5} {100 * r['ceiling_share']:>6.1f} {r.get('max_abs_diff_vs_ref', ''):>7}"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,91 @@
+"""GPU checks (run on the device machine: `pytest -m gpu`): the engine's CUDA paths against the
+reference, the fast text encoder against the stock call on the installed transformers, and the
+compiled engine with CUDA graphs: no graph breaks, no recompiles."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from stylize.config import EngineConfig, PipelineConfig, model_config
+from stylize.engine import Engine
+from stylize.fast_te import FastTextEncoder
+from stylize.models import load_stack
+from stylize.models.text_encoder import encode, tokenize_prompt
+from stylize.reference import ReferenceStylizer
+from tests.test_engine import OIL, WATER, _clip, run
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_tiny(tiny_cfg, tiny_dir):
+    return load_stack(tiny_cfg, "cuda")
+
+
+@pytest.fixture(scope="module")
+def cuda_full():
+    return load_stack(model_config("random-full"), "cuda")
+
+
+def test_fast_te_matches_stock_call_on_cuda(cuda_tiny):
+    te = cuda_tiny.text_encoder
+    fast = FastTextEncoder(te, 64, "post_norm")
+    for prompt in (OIL, WATER):
+        tokens = tokenize_prompt(cuda_tiny.tokenizer, te.config, prompt, 64, 64)
+        fast.set_prompt(tokens)
+        x = torch.rand(4, 3, 64, 64, device="cuda")
+        want, _ = encode(te, tokens, x)
+        got, _ = fast(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_with_streams_matches_reference_on_cuda(cuda_tiny):
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=4)
+    frames = _clip(10)
+    ref = ReferenceStylizer(cuda_tiny, cfg).stylize(frames)
+    for ecfg in (EngineConfig(), EngineConfig(side_stream=False), EngineConfig(fast_te=False)):
+        got = run(Engine(cuda_tiny, cfg, ecfg), frames)
+        assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1, ecfg
+
+
+def test_compiled_cuda_graphs_no_recompiles(cuda_tiny):
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    engine = Engine(cuda_tiny, cfg, EngineConfig(te_refresh_every=2, scene_cut=0))
+    engine.enable_compile()
+    frames = _clip(6, seed=3)
+    with dynamo.config.patch(error_on_recompile=True):
+        compiled = run(engine, frames, bs=2)
+        engine.set_prompt(WATER)
+        run(engine, frames[:4], bs=2)
+        engine.reset()
+        again = run(engine, frames[:2], bs=2)
+    eager = run(Engine(cuda_tiny, cfg, EngineConfig(te_refresh_every=2, scene_cut=0)), frames, bs=2)
+    assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2
+    assert np.abs(again.astype(int) - eager[:2].astype(int)).max() <= 2
+    dynamo.reset()
+
+
+def test_full_size_fast_te_and_engine_in_bf16(cuda_full):
+    """At the real shapes in bf16: the fast TE and the engine agree with the plain path within
+    bf16 noise."""
+    te = cuda_full.text_encoder
+    tokens = tokenize_prompt(cuda_full.tokenizer, te.config, OIL, 256, 64)
+    fast = FastTextEncoder(te, 256, "post_norm")
+    fast.set_prompt(tokens)
+    x = torch.rand(8, 3, 256, 256, device="cuda")
+    want, _ = encode(te, tokens, x)
+    got, _ = fast(x)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 2e-2, float(err)
+    cfg = PipelineConfig(prompt=OIL, size=256, batch_size=8)
+    frames = _clip(8, 256, 256)
+    ref = ReferenceStylizer(cuda_full, cfg).stylize(frames)
+    got = run(Engine(cuda_full, cfg, EngineConfig()), frames, bs=8)
+    assert np.abs(got.astype(int) - ref.astype(int)).mean() < 2.0
