@@ -116,6 +116,8 @@ class Engine:
     def set_prompt(self, prompt: str) -> None:
         """Change the instruction; the next batch refreshes the text encoder."""
         stack = self.stack
+        if self.side is not None:  # the side stream may still read the old prompt's buffers
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
         self.cfg = replace(self.cfg, prompt=prompt)
         self.tokens = tokenize_prompt(
             stack.tokenizer, stack.text_encoder.config, prompt, stack.config.te_image_size, stack.config.prompt_max_tokens
@@ -124,6 +126,7 @@ class Engine:
             self.fast_te.set_prompt(self.tokens)
         self.static_states = None
         self.batches_since_refresh = None
+        self.side_waits = True
 
     def output_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
         return geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop).out_hw
@@ -151,10 +154,10 @@ class Engine:
 
         side = self.side or self.main
         with self._on(self.side):
-            # the side stream starts only after work the main stream queued before it (the
-            # previous batch's use of anything it may free)
-            if self.side is not None:
+            if self.side is not None and self.side_waits:
+                # once after a prompt change: the text encoder's buffers were written on the main stream
                 self.side.wait_stream(self.main)
+                self.side_waits = False
             with self._stage("prep", side):
                 x = host.to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
                 x01 = to_working(x, geo)  # (B, 3, h, w) in [0, 1]

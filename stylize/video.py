@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MP4_AUDIO_COPY = frozenset({"aac", "mp3", "alac", "opus", "ac3", "eac3", "flac"})
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
-QUEUE_BATCHES = 3  # decoded batches kept ready ahead of the consumer
+QUEUE_BATCHES = 3  # batches waiting for the encode thread
+DECODE_AHEAD = 1  # decoded batches kept ready for the consumer: more only adds latency
 # AVColorSpace tag of a decoded frame -> swscale matrix.
 _MATRIX = {1: Colorspace.ITU709, 4: Colorspace.FCC, 5: Colorspace.ITU601, 6: Colorspace.ITU601,
            7: Colorspace.SMPTE240M, 9: Colorspace.BT2020, 10: Colorspace.BT2020}
@@ -308,7 +309,7 @@ def _paced(batches: Iterator[FrameBatch], time_base: Fraction) -> Iterator[Frame
 
 
 def _consume(info: VideoInfo, batch_size: int) -> Iterator[FrameBatch]:
-    out: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+    out: queue.Queue = queue.Queue(maxsize=DECODE_AHEAD)
     stop = threading.Event()
     worker = threading.Thread(target=_produce, args=(info, batch_size, out, stop),
                               name=f"decode:{info.path.name}", daemon=True)

@@ -73,17 +73,25 @@ def test_compiled_cuda_graphs_no_recompiles(cuda_tiny):
 
 
 def test_full_size_fast_te_and_engine_in_bf16(cuda_full):
-    """At the real shapes in bf16: the fast TE and the engine agree with the plain path within
-    bf16 noise."""
+    """At the real shapes in bf16: the fast TE is as close to a float32 run of the stock model as
+    the stock model's own bf16 run is (bf16 noise), and the engine agrees with the plain path."""
+    import copy
+
     te = cuda_full.text_encoder
     tokens = tokenize_prompt(cuda_full.tokenizer, te.config, OIL, 256, 64)
     fast = FastTextEncoder(te, 256, "post_norm")
     fast.set_prompt(tokens)
     x = torch.rand(8, 3, 256, 256, device="cuda")
-    want, _ = encode(te, tokens, x)
+    stock, _ = encode(te, tokens, x)
     got, _ = fast(x)
-    err = (got.float() - want.float()).norm() / want.float().norm()
-    assert err < 2e-2, float(err)
+    te32 = copy.deepcopy(te).float()
+    exact, _ = encode(te32, tokens, x)
+    del te32
+
+    def rel(a):
+        return float((a.float() - exact).norm() / exact.norm())
+
+    assert rel(got) < 1.5 * rel(stock) + 1e-3, (rel(got), rel(stock))
     cfg = PipelineConfig(prompt=OIL, size=256, batch_size=8)
     frames = _clip(8, 256, 256)
     ref = ReferenceStylizer(cuda_full, cfg).stylize(frames)
