@@ -157,7 +157,9 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
 
 def _run_jobs(jobs, model, cfg, ecfg, out, device, err, as_json, quiet, debug) -> int:
     """Load the stack once, stylize each clip, keep going past a bad one; returns the failures."""
-    from .config import EngineConfig, model_config
+    from .config import EngineConfig, model_config, use_persistent_compile_cache
+
+    use_persistent_compile_cache()  # before torch is imported
     from .models import load_stack
     from .pipeline import make_stylizer, stylize_video
 

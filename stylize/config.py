@@ -6,6 +6,7 @@ Library code only ever sees these objects, never typer or argparse.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,21 @@ def style_config(name: str) -> StyleConfig:
     if not path.is_file():
         raise UsageError(f"unknown style '{name}': choose one of {', '.join(list_presets('styles'))} or give --prompt")
     return _from_dict(StyleConfig, {"name": name, **_load_yaml(path)}, path)
+
+
+def cache_dir() -> Path:
+    """Where stylize keeps what it builds: the tiny stack, compiled graphs ($STYLIZE_CACHE, else
+    ~/.cache/stylize)."""
+    root = os.environ.get("STYLIZE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "stylize"
+    )
+    return Path(root)
+
+
+def use_persistent_compile_cache() -> None:
+    """Point inductor's on-disk caches into our cache folder (its default is under /tmp). Must run
+    before torch's inductor first reads it: call it before importing torch."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
 def prompt_slug(prompt: str, max_len: int = 32) -> str:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -84,6 +86,7 @@ class Engine:
             )
         self.compile_keys: dict = {}  # work_hw -> compile-cache key, once its warm-up has been saved
         self.timeline: list | None = None  # set to [] to record (batch, stage, stream, start, end) events
+        self.sink = None
         self.set_prompt(cfg.prompt)
         self.reset()
 
@@ -184,20 +187,67 @@ class Engine:
                 y = to_output(y01, geo)  # (B, H', W', 3) uint8
                 out = torch.empty(y.shape, dtype=torch.uint8, pin_memory=self.cuda)
                 out.copy_(y, non_blocking=self.cuda)
-            self.pending.append(_Pending(batch, real, out, self._record(self.main)))
+            pending = _Pending(batch, real, out, self._record(self.main))
         self.fed += 1
+        if self.sink is not None:
+            self._raise_sink_error()
+            self.handoff.put(pending)  # blocks while two batches are still on the GPU (backpressure)
+            ready = []
+        else:
+            self.pending.append(pending)
+            ready = self._collect(keep=0 if warm_up else 1)
         if warm_up:
             from . import optimize
 
-            ready = self._collect(keep=0)  # the warm-up batch: compiled and run once
+            self.flush() if self.sink is not None else None  # the warm-up batch compiled and ran
             self.compile_keys[geo.work_hw] = key
             optimize.save_artifacts(key)
-            return ready
-        return self._collect(keep=1)
+        return ready
 
     def flush(self) -> list:
-        """Everything still on the GPU, in order."""
+        """Everything still on the GPU, in order (with a sink: wait until it has had them)."""
+        if self.sink is not None:
+            self.handoff.join()
+            self._raise_sink_error()
+            return []
         return self._collect(keep=0)
+
+    # -- handing batches back from a collector thread ------------------------------------------
+
+    def start_sink(self, sink) -> None:
+        """From now on hand each finished FrameBatch to `sink(batch)`, in order, from a collector
+        thread as soon as its GPU work is done: no waiting for the next `feed`, which a live source
+        would feel as a whole batch of extra latency. `feed` and `flush` then return []."""
+        self.sink, self.sink_error = sink, None
+        self.handoff: queue.Queue = queue.Queue(maxsize=2)
+        self.collector = threading.Thread(target=self._collect_loop, name="engine-collector", daemon=True)
+        self.collector.start()
+
+    def stop_sink(self) -> None:
+        if self.sink is None:
+            return
+        self.handoff.put(None)
+        self.collector.join()
+        self.sink = None
+        self._raise_sink_error()
+
+    def _collect_loop(self) -> None:
+        while (p := self.handoff.get()) is not None:
+            try:
+                if self.sink_error is None:
+                    if p.done is not None:
+                        p.done.synchronize()  # this batch only; the GPU keeps running the next ones
+                    self.sink(replace(p.batch, frames=p.out.numpy()[: p.real]))
+            except BaseException as e:  # noqa: BLE001 - re-raised on the feeding thread
+                self.sink_error = e
+            finally:
+                self.handoff.task_done()
+        self.handoff.task_done()
+
+    def _raise_sink_error(self) -> None:
+        if self.sink_error is not None:
+            error, self.sink_error = self.sink_error, None
+            raise error
 
     def _collect(self, keep: int) -> list:
         """Hand back finished batches: those already done, then wait for the older ones so at
@@ -237,14 +287,15 @@ class Engine:
                     stack.text_encoder, stack.tokenizer, self.cfg.prompt, self.tokens.max_len, stack.config.hidden_states
                 )
             states, mask = self.static_states
-            return states.expand(b, -1, -1), mask.expand(b, -1)
+            # contiguous: the U-Net graph then has the same input strides (no recompile) in every mode
+            return states.expand(b, -1, -1).contiguous(), mask.expand(b, -1).contiguous()
         te_size = stack.config.te_image_size
         frames = resize(x01[b // 2 : b // 2 + 1] if self.ecfg.te_batch_one else x01, (te_size, te_size))
         if self.fast_te is not None:
             states, mask = self.steps.text(self.fast_te, frames)
         else:
             states, mask = encode(stack.text_encoder, self.tokens, frames, stack.config.hidden_states)
-        return states.expand(b, -1, -1), mask.expand(b, -1)
+        return states.expand(b, -1, -1).contiguous(), mask.expand(b, -1).contiguous()
 
     def _noise(self, b: int, latent_hw) -> torch.Tensor:
         shape = (1 if self.cfg.fixed_noise else b, self.stack.unet.config.in_channels, *latent_hw)

@@ -10,7 +10,8 @@ or a recompile is an error in the tests rather than a silent slowdown.
   CUDA-graph trees own their memory pool and replay per stream; fused kernels are most of the gain.
 
 Compile time is a user-facing cost (256 s for the U-Net alone on an H100). Inductor's on-disk
-caches live in ~/.cache/stylize/inductor, and the portable cache artifacts of a finished warm-up
+caches live in ~/.cache/stylize/inductor (`config.use_persistent_compile_cache`, set by the CLI
+before torch is imported), and the portable cache artifacts of a finished warm-up
 are saved per configuration (`save_artifacts`) and loaded before compiling (`load_artifacts`), so
 the second run of the same shapes starts in seconds. `--compile auto` compiles when that pays.
 """
@@ -36,14 +37,9 @@ AUTO_MIN_FRAMES_WARM = 3_000
 
 
 def cache_root() -> Path:
-    from .models.loading import tiny_cache_dir
+    from .config import cache_dir
 
-    return tiny_cache_dir()
-
-
-def use_persistent_inductor_cache() -> None:
-    """Point inductor's on-disk caches at our cache folder (its default is under /tmp)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    return cache_dir()
 
 
 def config_key(stack, cfg, ecfg, work_hw) -> str:
@@ -104,7 +100,6 @@ def should_compile(mode: str, device: torch.device, frames: int | None, warm: bo
 
 def compile_steps(steps, cuda_graphs: bool = True, backend: str = "inductor") -> None:
     """Swap each of the engine's steps for its compiled version (in place)."""
-    use_persistent_inductor_cache()
     on_cuda = steps.stack.device.type == "cuda"
     main_mode = "reduce-overhead" if (on_cuda and cuda_graphs and backend == "inductor") else None
 

@@ -118,15 +118,22 @@ def stylize_video(
         if on_progress:
             on_progress(Progress(done, info.frames, now - first))
 
+    threaded = hasattr(stylizer, "start_sink")  # the engine hands batches back as soon as they are done
     with video.VideoWriter(dst, target, crf=out.crf, preset=out.preset, audio=out.audio) as writer:
-        for batch in video.read_batches(info, stylizer.cfg.batch_size, realtime=out.realtime):
-            first = first or batch.decoded_at[0]
-            if on_progress and getattr(stylizer, "warming_up", lambda hw: False)(batch.frames.shape[1:3]):
-                on_progress(Progress(done, info.frames, time.perf_counter() - first, "compiling (one-time, cached)"))
-            for ready in stylizer.feed(batch):
+        if threaded:
+            stylizer.start_sink(emit)
+        try:
+            for batch in video.read_batches(info, stylizer.cfg.batch_size, realtime=out.realtime):
+                first = first or batch.decoded_at[0]
+                if on_progress and getattr(stylizer, "warming_up", lambda hw: False)(batch.frames.shape[1:3]):
+                    on_progress(Progress(done, info.frames, time.perf_counter() - first, "compiling (one-time, cached)"))
+                for ready in stylizer.feed(batch):
+                    emit(ready)
+            for ready in stylizer.flush():
                 emit(ready)
-        for ready in stylizer.flush():
-            emit(ready)
+        finally:
+            if threaded:
+                stylizer.stop_sink()
     seconds = time.perf_counter() - first if first else 0.0
     p50, p95 = percentiles_ms(latencies)
     return RunStats(

@@ -223,10 +223,9 @@ def _build_random(cfg: ModelConfig, device, dtype) -> ModelStack:
 
 
 def tiny_cache_dir() -> Path:
-    root = os.environ.get("STYLIZE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "stylize"
-    )
-    return Path(root)
+    from ..config import cache_dir
+
+    return cache_dir()
 
 
 def ensure_tiny(cfg: ModelConfig) -> Path:
