@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ import typer
 from . import __version__
 from .errors import StylizeError, UsageError
 
+STARTED = time.perf_counter()
 EPILOG = "Other commands: `stylize styles` lists the style presets, `stylize models` the model stacks."
 
 
@@ -164,11 +166,13 @@ def _run_jobs(jobs, model, cfg, ecfg, out, device, err, as_json, quiet, debug) -
     from .pipeline import make_stylizer, stylize_video
 
     _quiet_libraries(debug)
+    loading = time.perf_counter()
     with err.status(f"loading model '{model}' on {device}"):
         stack = load_stack(model_config(model), device)
         # the engine on CUDA, or wherever an engine option was asked for; else the reference path
         use_engine = device == "cuda" or ecfg != EngineConfig()
         stylizer = make_stylizer(stack, cfg, ecfg if use_engine else None, _frames_hint(jobs, out))
+    load_s = round(time.perf_counter() - loading, 2)
     failed = 0
     for job in jobs:
         try:
@@ -179,7 +183,8 @@ def _run_jobs(jobs, model, cfg, ecfg, out, device, err, as_json, quiet, debug) -
             _report_error(err, e, job.src, debug)
             continue
         if as_json:
-            typer.echo(json.dumps({**stats.as_dict(), "status": "ok"}))
+            since_start = time.perf_counter() - STARTED  # what a user waits: start-up, load, compile
+            typer.echo(json.dumps({**stats.as_dict(), "status": "ok", "model_load_s": load_s, "process_s_at_end": round(since_start, 2)}))
         elif not quiet:
             typer.echo(
                 f"{job.src} -> {job.dst}: {stats.frames} frames {stats.width}x{stats.height}, "

@@ -55,6 +55,7 @@ class RunStats:
     latency_p95_ms: float
     width: int
     height: int
+    first_output_s: float  # from the call to the first frame handed to the encoder (compile included)
 
     def as_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dataclasses.asdict(self).items()}
@@ -101,18 +102,20 @@ def stylize_video(
     """Stylize the clip at `src` (a video file or a numbered-image folder) into `dst` (.mp4),
     keeping its timestamps, display size and orientation, and audio. `dst` appears only once
     complete; on any error or interrupt it is left as it was."""
+    started = time.perf_counter()
     info = video.probe(src, out.fps)
     out_h, out_w = stylizer.output_hw((info.display_height, info.display_width))
     target = dataclasses.replace(info, display_width=out_w, display_height=out_h)  # crop mode: the square
     stylizer.reset()
     latencies: list[float] = []
-    first = None
+    first = first_output = None
     done = 0
 
     def emit(batch: video.FrameBatch) -> None:
-        nonlocal done
+        nonlocal done, first_output
         writer.write(batch.frames, batch.pts)
         now = time.perf_counter()
+        first_output = first_output or now - started
         latencies.extend(now - t for t in batch.decoded_at)
         done += len(batch.pts)
         if on_progress:
@@ -138,5 +141,5 @@ def stylize_video(
     p50, p95 = percentiles_ms(latencies)
     return RunStats(
         src=str(src), dst=str(dst), frames=done, seconds=seconds, fps=done / seconds if seconds else 0.0,
-        latency_p50_ms=p50, latency_p95_ms=p95, width=out_w, height=out_h,
+        latency_p50_ms=p50, latency_p95_ms=p95, width=out_w, height=out_h, first_output_s=first_output or 0.0,
     )  # fmt: skip
