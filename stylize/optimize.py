@@ -28,11 +28,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# `--compile auto` compiles when the frames saved repay the compile: compiling saves about 9 ms a
-# frame at B=8 (DESIGN §5: 126 ms eager per batch against ~55 compiled), so a cold compile of
-# ~300 s pays after ~30k frames and a warm start of ~30 s after ~3k. benchmarks/NOTES.md has the
-# measured figures these come from.
-AUTO_MIN_FRAMES_COLD = 30_000
+# `--compile auto` compiles when the frames saved repay the compile. Measured on the H100 at B=8
+# (benchmarks/NOTES.md): eager ~52 fps, compiled ~150 fps, so compiling saves ~13 ms a frame; the
+# CLI's first output came after 189 s cold and 41 s warm, which pay after ~15k and ~3k frames.
+AUTO_MIN_FRAMES_COLD = 15_000
 AUTO_MIN_FRAMES_WARM = 3_000
 
 
