@@ -52,6 +52,12 @@ ROWS = {
     **{f"fm{b}": (b, EngineConfig(compile="on", te_refresh_every=8), True, True) for b in (8, 16)},
     **{f"fo{b}": (b, EngineConfig(compile="on", te_batch_one=True), True, False) for b in (8, 16)},
     **{f"fs{b}": (b, EngineConfig(compile="on", static_prompt=True), True, False) for b in (8, 16)},
+    # (e) the temporal adapter (random weights: speed only): the paper's champion, and all hooks N=1
+    **{f"e{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8), True, True) for b in (8, 16)},
+    **{
+        f"ea{b}": (b, EngineConfig(compile="on", adapter="random", adapter_hooks="all", adapter_refresh_every=1), True, False)
+        for b in (8, 16)
+    },
 }
 
 
@@ -178,6 +184,9 @@ def run_row(stack, name, clip, frames_total, prompt, ceiling, parity, ref_out, t
         "latency_p95_ms": round(stats.latency_p95_ms, 1),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     }  # fmt: skip
+    if isinstance(stylizer, Engine) and stylizer.flow_ms:
+        row["flow_host_ms_median"] = round(float(np.median(stylizer.flow_ms)), 1)
+        row["flow_refreshes"] = len(stylizer.flow_ms)
     if isinstance(stylizer, Engine) and cuda:
         row["timeline"] = timeline_summary(stylizer.timeline, batch)
         row["step_only_fps"] = row["timeline"]["step_only_fps"]
@@ -202,6 +211,8 @@ def run_row(stack, name, clip, frames_total, prompt, ceiling, parity, ref_out, t
     print(json.dumps({k: v for k, v in row.items() if k not in ("engine", "timeline")}), flush=True)
     if "timeline" in row:
         print(f"[{name}] timeline {json.dumps(row['timeline'])}", flush=True)
+    if isinstance(stylizer, Engine):
+        stylizer.close()
     del stylizer
     if cuda:
         torch.cuda.empty_cache()

@@ -93,6 +93,11 @@ def run(
     te_every: int = typer.Option(1, "--te-every", help="Run the text encoder every M batches, reusing it between."),
     te_batch_one: bool = typer.Option(False, "--te-batch-one", help="Encode one frame per batch for the instruction."),
     static_prompt: bool = typer.Option(False, "--static-prompt", help="Encode the instruction once, without frames."),
+    adapter: Optional[Path] = typer.Option(
+        None, "--adapter", help="Temporal LLLite weights (.safetensors, released v3 layout) for steadier video."
+    ),
+    adapter_hooks: str = typer.Option("down_blocks", "--adapter-hooks", help="down_blocks, all, or block prefixes."),
+    adapter_every: int = typer.Option(8, "--adapter-every", help="Refresh the adapter's conditioning every N batches."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Replace existing outputs (once the new file is complete)."),
     no_audio: bool = typer.Option(False, "--no-audio", help="Drop the audio."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders of folder inputs."),
@@ -122,7 +127,8 @@ def run(
 
 
 def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, compile, te_every, te_batch_one,
-         static_prompt, yes, no_audio, recursive, fps, crf, preset, seed, as_json, quiet, debug) -> None:  # fmt: skip
+         static_prompt, adapter, adapter_hooks, adapter_every, yes, no_audio, recursive, fps, crf, preset, seed, as_json,
+         quiet, debug) -> None:  # fmt: skip
     from .config import EngineConfig, PipelineConfig, prompt_slug, style_config
     from .jobs import plan_jobs
     from .pipeline import OutputConfig
@@ -137,9 +143,12 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
     text, tag = (style_config(style).prompt, style) if style else (prompt, prompt_slug(prompt))
     cfg = PipelineConfig(prompt=text, steps=steps, size=size, crop=crop.value, batch_size=batch_size, seed=seed)
     out = OutputConfig(crf=crf, preset=preset, audio=not no_audio, fps=fps)
+    if adapter is not None and not adapter.is_file():
+        raise UsageError(f"--adapter {adapter}: no such file; give the temporal LLLite .safetensors")
     ecfg = EngineConfig(
-        compile=compile.value, te_refresh_every=te_every, te_batch_one=te_batch_one, static_prompt=static_prompt
-    )
+        compile=compile.value, te_refresh_every=te_every, te_batch_one=te_batch_one, static_prompt=static_prompt,
+        adapter=str(adapter) if adapter else None, adapter_hooks=adapter_hooks, adapter_refresh_every=adapter_every,
+    )  # fmt: skip
     jobs = plan_jobs(inputs, tag, output, recursive)
 
     todo = []

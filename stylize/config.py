@@ -103,10 +103,23 @@ class EngineConfig:
     static_prompt: bool = False
     scene_cut: float = 0.3
     te_bucket: int = 16
+    # the temporal adapter (DESIGN §4): a released-layout .safetensors file, "random" (random
+    # weights: speed measurements only) or None (off); which hooks; its refresh period N in batches
+    adapter: str | None = None
+    adapter_hooks: str = "down_blocks"  # "down_blocks", "all", or comma-separated block prefixes
+    adapter_refresh_every: int = 8
+    adapter_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
         if self.te_refresh_every < 1:
             raise UsageError(f"te_refresh_every must be at least 1, not {self.te_refresh_every}")
+        if self.adapter_refresh_every < 1:
+            raise UsageError(f"the adapter refresh period must be at least 1, not {self.adapter_refresh_every}")
+
+    @property
+    def adapter_subset(self) -> str | list[str]:
+        hooks = self.adapter_hooks
+        return hooks if hooks in ("all", "down_blocks") else [h.strip() for h in hooks.split(",") if h.strip()]
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

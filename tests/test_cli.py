@@ -212,3 +212,24 @@ def test_version_and_help_are_instant():
         [sys.executable, "-c", "import sys, stylize.cli; print('torch' in sys.modules)"], capture_output=True, text=True
     )
     assert out.stdout.strip() == "False"  # nothing heavy at import
+
+
+def test_adapter_option(clip, tmp_path):
+    from safetensors.torch import save_file
+
+    from stylize.config import model_config
+    from stylize.models import load_stack
+    from stylize.models.lllite import TemporalLLLite
+
+    unet = load_stack(model_config("tiny")).unet
+    weights = tmp_path / "lllite.safetensors"
+    save_file({f"modules_dict.{k}": v.contiguous() for k, v in TemporalLLLite(unet, "all").adapters.state_dict().items()}, str(weights))
+    r = invoke(clip, "--style", "oil", "--adapter", weights, "--adapter-every", "2", "-o", tmp_path / "a.mp4", *FAST)
+    assert r.exit_code == 0, r.output
+    assert video.probe(tmp_path / "a.mp4").frames == 10
+    r = invoke(clip, "--style", "oil", "--adapter", tmp_path / "missing.safetensors", *FAST)
+    assert r.exit_code == 2 and "--adapter" in r.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    r = invoke(clip, "--style", "oil", "--adapter", bad, "-o", tmp_path / "b.mp4", *FAST)
+    assert r.exit_code == 1 and "not a readable safetensors" in r.stderr and "Traceback" not in r.stderr

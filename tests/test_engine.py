@@ -208,3 +208,98 @@ def test_sink_errors_reach_the_caller(tiny_stack):
             engine.feed(FrameBatch(frames[s : s + 2], [s, s + 1], [0.0, 0.0]))
         engine.flush()
     engine.stop_sink()
+
+
+# -- the temporal adapter in the engine ------------------------------------------------------
+
+
+def _adapter_engine(stack, **kw):
+    from tests.test_lllite import _randomise
+
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    engine = Engine(stack, cfg, EngineConfig(adapter="random", scene_cut=0, **kw))
+    _randomise(engine.lllite, seed=1)  # released weights start with up = 0; make it act
+    return engine
+
+
+def test_adapter_multiplier_zero_is_the_bare_engine(tiny_stack):
+    frames = _clip(6, seed=4)
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    bare = run(Engine(tiny_stack, cfg, EngineConfig(scene_cut=0)), frames, bs=2)
+    off = run(_adapter_engine(tiny_stack, adapter_multiplier=0.0), frames, bs=2)
+    on = run(_adapter_engine(tiny_stack), frames, bs=2)
+    assert np.array_equal(off, bare)
+    assert not np.array_equal(on, bare)
+    assert tiny_stack.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q").__class__.__name__ == "Linear"
+
+
+def test_adapter_refresh_schedule_and_flow_for_the_batch_that_uses_it(tiny_stack, monkeypatch):
+    import stylize.flow as flow_mod
+
+    seen = []
+    real = flow_mod.flows
+
+    def recording(pool, currents, previous):
+        seen.append(([int(c.mean()) for c in currents], int(previous.mean())))
+        return real(pool, currents, previous)
+
+    monkeypatch.setattr(flow_mod, "flows", recording)
+    engine = _adapter_engine(tiny_stack, adapter_refresh_every=2)
+    conditions = []
+    real_condition = engine._condition
+    engine._condition = lambda flow, x01: (conditions.append(isinstance(flow, str)), real_condition(flow, x01))
+    levels = np.arange(8) * 30 + 10  # each frame a distinct flat grey level
+    frames = np.stack([np.full((48, 80, 3), v, np.uint8) for v in levels])
+    run(engine, frames, bs=2)  # batches 0..3: refresh at 0 (input frames) and 2 (warped)
+    assert conditions == [True, False]
+    # batch 2's refresh used flow from batch 2's own frames (levels 130, 160) to batch 1's last (100)
+    assert seen == [([130, 160], 100)]
+    engine.reset()  # a new clip: the first batch conditions on its input frames again
+    run(engine, frames[:2], bs=2)
+    assert conditions == [True, False, True]
+    engine.close()
+
+
+def test_scene_cut_refreshes_adapter_with_input_frames(tiny_stack):
+    from tests.test_lllite import _randomise
+
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    engine = Engine(tiny_stack, cfg, EngineConfig(adapter="random", adapter_refresh_every=100))
+    _randomise(engine.lllite)
+    kinds = []
+    real_condition = engine._condition
+    engine._condition = lambda flow, x01: (kinds.append(isinstance(flow, str)), real_condition(flow, x01))
+    dark, bright = np.full((4, 48, 80, 3), 10, np.uint8), np.full((4, 48, 80, 3), 240, np.uint8)
+    run(engine, np.concatenate([dark, bright]), bs=2)
+    assert kinds == [True, True]  # the first batch and the cut, both from input frames
+
+
+def test_compiled_engine_with_adapter_no_recompiles(tiny_stack):
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    engine = _adapter_engine(tiny_stack, adapter_refresh_every=2, te_refresh_every=2)
+    engine.enable_compile(backend="aot_eager")
+    frames = _clip(8, seed=6)
+    with dynamo.config.patch(error_on_recompile=True):
+        compiled = run(engine, frames, bs=2)  # adapter refreshes at batches 0 and 2, TE at 0 and 2
+        engine.reset()
+        run(engine, frames[:4], bs=2)
+    eager = run(_adapter_engine(tiny_stack, adapter_refresh_every=2, te_refresh_every=2), frames, bs=2)
+    assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
+    dynamo.reset()
+
+
+def test_warp_follows_the_flow():
+    from stylize.flow import flow_to_previous, warp
+
+    rng = np.random.default_rng(0)
+    import cv2
+
+    base = cv2.GaussianBlur(rng.integers(0, 256, (64, 64), dtype=np.uint8), (0, 0), 2)
+    previous, current = base[:, :-3], base[:, 3:]  # the scene moved 3 px to the left
+    f = flow_to_previous(np.ascontiguousarray(current), np.ascontiguousarray(previous))
+    assert np.median(f[8:-8, 8:-8, 0]) == pytest.approx(3, abs=0.5)
+    prev_t = torch.from_numpy(previous.astype(np.float32))[None, None]
+    warped = warp(prev_t, torch.from_numpy(f)[None])[0, 0].numpy()
+    assert np.abs(warped[8:-8, 8:-12] - current[8:-8, 8:-12]).mean() < 4

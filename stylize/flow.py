@@ -1,0 +1,55 @@
+"""Dense optical flow on CPU threads and the backward warp on the GPU, for the temporal adapter's
+conditioning image (DESIGN §4): the previous batch's last stylized frame, warped to each frame.
+
+Flow is OpenCV's Farneback with the reference runtime's parameters (pyramid 0.5, 3 levels,
+window 15, 3 iterations, poly_n 5, sigma 1.2) between grey working-resolution input frames.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def grey(frame_hwc_uint8: np.ndarray, work_hw: tuple[int, int], crop=None) -> np.ndarray:
+    """One RGB frame → grey uint8 (h, w) at the working resolution (after the centre crop)."""
+    import cv2
+
+    if crop is not None:
+        top, left, side = crop
+        frame_hwc_uint8 = frame_hwc_uint8[top : top + side, left : left + side]
+    small = cv2.resize(frame_hwc_uint8, (work_hw[1], work_hw[0]), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+
+
+def flow_to_previous(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Farneback flow (h, w, 2) float32 from `current` to `previous` (grey uint8): the pixel at
+    (y, x) of the current frame came from (y + f[..., 1], x + f[..., 0]) of the previous one."""
+    import cv2
+
+    return cv2.calcOpticalFlowFarneback(current, previous, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+
+
+def flows(pool: ThreadPoolExecutor, currents: list[np.ndarray], previous: np.ndarray) -> np.ndarray:
+    """Flows from each current frame to `previous`, computed in parallel (OpenCV releases the
+    GIL): (B, h, w, 2) float32."""
+    return np.stack(list(pool.map(lambda c: flow_to_previous(c, previous), currents)))
+
+
+def warp(image_bchw: torch.Tensor, flow_bhw2: torch.Tensor) -> torch.Tensor:
+    """Backward warp: sample `image` (1 or B, C, h, w) at each pixel + its flow, bilinear, with
+    replicated borders. Returns (B, C, h, w)."""
+    b, h, w, _ = flow_bhw2.shape
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=flow_bhw2.device, dtype=torch.float32),
+        torch.arange(w, device=flow_bhw2.device, dtype=torch.float32),
+        indexing="ij",
+    )
+    x = (xs + flow_bhw2[..., 0]) / max(w - 1, 1) * 2 - 1  # to grid_sample's [-1, 1], align_corners
+    y = (ys + flow_bhw2[..., 1]) / max(h - 1, 1) * 2 - 1
+    grid = torch.stack([x, y], dim=-1)  # (B, h, w, 2)
+    source = image_bchw.float().expand(b, -1, -1, -1)
+    return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)
