@@ -351,7 +351,7 @@ class Engine:
         t = time.perf_counter()
         if self.pool is None:
             self.pool = ThreadPoolExecutor(max_workers=min(len(frames), os.cpu_count() or 1), thread_name_prefix="flow")
-        f = flows(self.pool, [self._grey(fr, geo) for fr in frames], self.prev_grey)  # (B, h, w, 2)
+        f = flows(self.pool, [self._grey(fr, geo) for fr in frames], self.prev_grey, self.ecfg.flow)  # (B, h, w, 2)
         host = torch.from_numpy(f)
         self.flow_ms.append((time.perf_counter() - t) * 1000)
         return host.pin_memory() if self.cuda else host

@@ -239,9 +239,9 @@ def test_adapter_refresh_schedule_and_flow_for_the_batch_that_uses_it(tiny_stack
     seen = []
     real = flow_mod.flows
 
-    def recording(pool, currents, previous):
+    def recording(pool, currents, previous, method="dis"):
         seen.append(([int(c.mean()) for c in currents], int(previous.mean())))
-        return real(pool, currents, previous)
+        return real(pool, currents, previous, method)
 
     monkeypatch.setattr(flow_mod, "flows", recording)
     engine = _adapter_engine(tiny_stack, adapter_refresh_every=2)
@@ -290,7 +290,8 @@ def test_compiled_engine_with_adapter_no_recompiles(tiny_stack):
     dynamo.reset()
 
 
-def test_warp_follows_the_flow():
+@pytest.mark.parametrize("method", ["dis", "farneback"])
+def test_warp_follows_the_flow(method):
     from stylize.flow import flow_to_previous, warp
 
     rng = np.random.default_rng(0)
@@ -298,7 +299,7 @@ def test_warp_follows_the_flow():
 
     base = cv2.GaussianBlur(rng.integers(0, 256, (64, 64), dtype=np.uint8), (0, 0), 2)
     previous, current = base[:, :-3], base[:, 3:]  # the scene moved 3 px to the left
-    f = flow_to_previous(np.ascontiguousarray(current), np.ascontiguousarray(previous))
+    f = flow_to_previous(np.ascontiguousarray(current), np.ascontiguousarray(previous), method)
     assert np.median(f[8:-8, 8:-8, 0]) == pytest.approx(3, abs=0.5)
     prev_t = torch.from_numpy(previous.astype(np.float32))[None, None]
     warped = warp(prev_t, torch.from_numpy(f)[None])[0, 0].numpy()

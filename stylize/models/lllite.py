@@ -164,15 +164,45 @@ class TemporalLLLite(nn.Module):
     @torch.no_grad()
     def set_condition(self, cond01_bchw: torch.Tensor) -> None:
         """A refresh: conditioning images (B, 3, H, W) in [0, 1] at the working resolution →
-        every hook's `mid_share` buffer, in place when its shape is unchanged."""
+        every hook's `mid_share` buffer, in place when its shape is unchanged.
+
+        The hooks of one stride run as one grouped network (their convs stacked along the
+        channels, `groups=n` after the first): the same arithmetic as n separate networks, in a
+        handful of kernels instead of hundreds."""
         cond = cond01_bchw * 2 - 1  # the adapter's input range (as its training pipeline normalises)
-        for wrapper in self.wrappers:
-            adapter = wrapper.adapter
-            share = adapter.mid_share(adapter.embed(cond.to(adapter.down[0].weight.dtype)))
-            if wrapper.mid_share.shape == share.shape:
-                wrapper.mid_share.copy_(share)
-            else:  # a new batch size or geometry: a new buffer (and, compiled, a new graph)
-                wrapper.mid_share = share.contiguous()
+        for stride, wrappers in self._by_stride().items():
+            shares = self._grouped_shares([w.adapter for w in wrappers], cond)  # (n, B, N, 64)
+            for wrapper, share in zip(wrappers, shares):
+                if wrapper.mid_share.shape == share.shape:
+                    wrapper.mid_share.copy_(share)
+                else:  # a new batch size or geometry: a new buffer (and, compiled, a new graph)
+                    wrapper.mid_share = share.contiguous()
+
+    def _by_stride(self) -> dict[int, list[LLLiteLinear]]:
+        groups: dict[int, list[LLLiteLinear]] = {}
+        for w in self.wrappers:
+            groups.setdefault(w.adapter.stride, []).append(w)
+        return groups
+
+    @staticmethod
+    def _grouped_shares(adapters: list[LLLiteModule], cond: torch.Tensor) -> torch.Tensor:
+        n = len(adapters)
+        x = cond.to(adapters[0].down[0].weight.dtype)
+        convs = [[m for m in a.conditioning1 if isinstance(m, nn.Conv2d)] for a in adapters]
+        for i in range(len(convs[0])):
+            layer = [c[i] for c in convs]
+            weight = torch.cat([c.weight for c in layer])  # (n·out, in, k, k)
+            bias = torch.cat([c.bias for c in layer])
+            x = F.conv2d(x, weight, bias, stride=layer[0].stride, groups=1 if i == 0 else n)
+            if i < len(convs[0]) - 1:
+                x = F.relu(x)
+        b, _, h, w = x.shape
+        emb = F.pad(x.view(b, n, COND_EMB, h, w), (0, w))  # width-concat: zeros for the source half
+        emb = emb.flatten(3)  # (B, n, 32, h·2w)
+        mid_w = torch.stack([a.mid[0].weight[:, :COND_EMB] for a in adapters])  # (n, 64, 32)
+        mid_b = torch.stack([a.mid[0].bias for a in adapters])  # (n, 64)
+        share = torch.einsum("bnct,noc->nbto", emb, mid_w) + mid_b[:, None, None, :]
+        return share  # (n, B, h·2w, 64)
 
 
 # ---------------------------------------------------------------------------------------------
