@@ -183,7 +183,7 @@ class Engine:
             from . import optimize
 
             key = optimize.config_key(self.stack, self.cfg, self.ecfg, geo.work_hw)
-            optimize.load_artifacts(key)  # a saved warm-up turns the compile into cache hits
+            had_cache = optimize.load_artifacts(key)  # a saved warm-up turns the compile into cache hits
         host = torch.from_numpy(np.ascontiguousarray(frames))
         if self.cuda:
             host = host.pin_memory()
@@ -241,7 +241,8 @@ class Engine:
 
             self.flush() if self.sink is not None else None  # the warm-up batch compiled and ran
             self.compile_keys[geo.work_hw] = key
-            optimize.save_artifacts(key)
+            if not had_cache:
+                optimize.save_artifacts(key)
         return ready
 
     def flush(self) -> list:

@@ -233,3 +233,24 @@ def test_adapter_option(clip, tmp_path):
     bad.write_bytes(b"junk")
     r = invoke(clip, "--style", "oil", "--adapter", bad, "-o", tmp_path / "b.mp4", *FAST)
     assert r.exit_code == 1 and "not a readable safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.media
+def test_every_real_clip_goes_through_the_command(media_dir, tmp_path):
+    """`stylize` on every clip in shared/media (tiny stack): a playable video with the input's
+    frame count, timestamps, display size, upright orientation and audio tracks."""
+    clips = sorted(p for p in media_dir.iterdir() if p.suffix in (".mp4", ".mov") or (p.is_dir() and p.name.startswith("davis_")))
+    assert len(clips) >= 9
+    r = invoke(*clips, "--style", "oil", "--json", "-q", "-o", tmp_path, *FAST)
+    assert r.exit_code == 0, r.output
+    records = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert len(records) == len(clips)
+    for rec in records:
+        src, dst = video.probe(rec["src"]), video.probe(rec["dst"])
+        assert dst.frames == src.frames, rec["src"]
+        assert (dst.display_width, dst.display_height) == (src.display_width, src.display_height), rec["src"]
+        assert dst.rotation == 0
+        assert [a.codec for a in dst.audio] == [a.codec for a in src.audio], rec["src"]
+        t_src = [float(p * src.time_base) for b in video.read_batches(src, 64) for p in b.pts]
+        t_dst = [float(p * dst.time_base) for b in video.read_batches(dst, 64) for p in b.pts]
+        assert max(abs(a - b) for a, b in zip(t_src, t_dst)) < 0.002, rec["src"]
