@@ -399,8 +399,7 @@ class Engine:
         b, dtype = source.shape[0], self.stack.dtype
         latent_hw = tuple(source.shape[-2:])
         x = self._noise(b, latent_hw)
-        h, w = geo.work_hw
-        time_ids = torch.tensor([[w, h]], dtype=dtype).expand(b, -1).to(self.device, non_blocking=True)
+        time_ids = self.steps.time_ids(geo.work_hw, b, dtype)
         sigmas = self.steps.sigmas(self.cfg.steps, latent_hw)
         for (sigma, sigma_next), t in zip(zip(sigmas[:-1], sigmas[1:]), self.steps.timesteps(sigmas, b, dtype)):
             x = euler(x, self.steps.velocity(x, source, t, states.to(dtype), mask, time_ids), sigma_next - sigma)
@@ -456,6 +455,14 @@ class _Steps:
             self._timesteps[key] = [
                 torch.full((b,), s * 1000, dtype=dtype, device=self.stack.device) for s in sigmas[:-1]
             ]
+        return self._timesteps[key]
+
+    def time_ids(self, work_hw, b: int, dtype) -> torch.Tensor:
+        """DreamLite's size conditioning [[W, H]] per frame (B, 2), made once per geometry."""
+        key = (work_hw, b, dtype)
+        if key not in self._timesteps:
+            h, w = work_hw
+            self._timesteps[key] = torch.tensor([[w, h]], dtype=dtype, device=self.stack.device).expand(b, -1)
         return self._timesteps[key]
 
     def velocity(self, x, source, t, states, mask, time_ids):
