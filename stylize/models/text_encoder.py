@@ -122,6 +122,17 @@ def encode(
     grid = size // vision.patch_size
     pixel_values = patchify(frames_bchw.float(), vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
     input_ids = tokens.input_ids.to(device).expand(b, -1)
+    states = _last_states(
+        text_encoder, hidden_states, input_ids=input_ids,
+        pixel_values=pixel_values.to(text_encoder.dtype),
+        image_grid_thw=torch.tensor([[1, grid, grid]] * b, device=device),
+        mm_token_type_ids=tokens.mm_token_type_ids.to(device).expand(b, -1),
+    )  # fmt: skip
+    return _fixed_length(states[:, tokens.prefix_len :], tokens.max_len)
+
+
+def _last_states(text_encoder, hidden_states: str, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
+    """The last layer's states (B, L, hidden) of one stock call, before or after the final norm."""
     captured: list[torch.Tensor] = []
     capture = (
         _capture_input(text_encoder.language_model.norm, captured)
@@ -129,20 +140,16 @@ def encode(
         else contextlib.nullcontext()
     )
     with capture:
-        out = text_encoder(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            pixel_values=pixel_values.to(text_encoder.dtype),
-            image_grid_thw=torch.tensor([[1, grid, grid]] * b, device=device),
-            mm_token_type_ids=tokens.mm_token_type_ids.to(device).expand(b, -1),
-            use_cache=False,
-        )
-    states = captured[-1] if hidden_states == "pre_norm" else out.last_hidden_state
-    kept = states[:, tokens.prefix_len :]  # (B, kept_len, hidden)
-    pad = tokens.max_len - kept.shape[1]
-    mask = torch.zeros(b, tokens.max_len, dtype=torch.long, device=device)
-    mask[:, : kept.shape[1]] = 1
-    return F.pad(kept, (0, 0, 0, pad)), mask
+        out = text_encoder(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False, **inputs)
+    return captured[-1] if hidden_states == "pre_norm" else out.last_hidden_state
+
+
+def _fixed_length(kept: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the kept states (B, n, hidden) to (B, max_len, hidden); the mask marks the n."""
+    b, n = kept.shape[:2]
+    mask = torch.zeros(b, max_len, dtype=torch.long, device=kept.device)
+    mask[:, :n] = 1
+    return F.pad(kept, (0, 0, 0, max_len - n)), mask
 
 
 def encode_text_only(text_encoder, tokenizer, prompt: str, max_len: int, hidden_states: str = "post_norm"):
@@ -151,16 +158,5 @@ def encode_text_only(text_encoder, tokenizer, prompt: str, max_len: int, hidden_
     template = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "")
     ids = tokenizer(template.format(decorate(prompt)), add_special_tokens=False)["input_ids"]
     prefix_len = len(tokenizer(static_prefix(), add_special_tokens=False)["input_ids"])
-    input_ids = torch.tensor([ids], device=text_encoder.device)
-    captured: list[torch.Tensor] = []
-    capture = (
-        _capture_input(text_encoder.language_model.norm, captured)
-        if hidden_states == "pre_norm"
-        else contextlib.nullcontext()
-    )
-    with capture:
-        out = text_encoder(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
-    kept = (captured[-1] if hidden_states == "pre_norm" else out.last_hidden_state)[:, prefix_len:][:, :max_len]
-    mask = torch.zeros(1, max_len, dtype=torch.long, device=input_ids.device)
-    mask[:, : kept.shape[1]] = 1
-    return F.pad(kept, (0, 0, 0, max_len - kept.shape[1])), mask
+    states = _last_states(text_encoder, hidden_states, torch.tensor([ids], device=text_encoder.device))
+    return _fixed_length(states[:, prefix_len:][:, :max_len], max_len)
