@@ -76,9 +76,14 @@ class Engine:
         self.main = torch.cuda.current_stream(self.device) if self.cuda else None
         self.side = torch.cuda.Stream(self.device) if (self.cuda and ecfg.side_stream) else None
         self.multiple = 8 * 2 ** (len(stack.unet.config.block_out_channels) - 1)
-        self.lllite, unet = self._adapter(stack, ecfg)
+        self.lllite = self.temporal = None
+        unet = stack.unet
+        if ecfg.adapter:
+            from .temporal import TemporalConditioner, attach_adapter
+
+            self.lllite, unet = attach_adapter(stack, ecfg)
+            self.temporal = TemporalConditioner(self.lllite, ecfg, self.device)
         self.steps = _Steps(stack, unet)  # the callables the GPU runs; `optimize` may compile them
-        self.pool = None  # CPU threads for optical flow, made on first use
         self.fast_te = None
         if ecfg.fast_te and not ecfg.static_prompt:
             from .fast_te import FastTextEncoder
@@ -92,31 +97,14 @@ class Engine:
         self.set_prompt(cfg.prompt)
         self.reset()
 
-    @staticmethod
-    def _adapter(stack: ModelStack, ecfg: EngineConfig):
-        """The temporal adapter, attached to the engine's own copy of the U-Net (the stack's stays
-        plain for other users of it). Returns (adapter or None, the U-Net to run)."""
-        if not ecfg.adapter:
-            return None, stack.unet
-        import copy
-
-        from .models.lllite import TemporalLLLite, load_lllite
-
-        unet = copy.deepcopy(stack.unet)
-        if ecfg.adapter == "random":
-            lllite = TemporalLLLite(unet, ecfg.adapter_subset)
-        else:
-            lllite = load_lllite(ecfg.adapter, unet, ecfg.adapter_subset)
-        lllite.to(stack.device, stack.dtype)
-        lllite.attach(unet)
-        lllite.set_multiplier(ecfg.adapter_multiplier)
-        return lllite, unet
-
     def close(self) -> None:
         """Release the flow threads."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
+        if self.temporal is not None:
+            self.temporal.close()
+
+    @property
+    def flow_ms(self) -> list[float]:
+        return self.temporal.flow_ms if self.temporal is not None else []
 
     def enable_compile(self, backend: str = "inductor") -> None:
         """Compile the steps (optimize.py); compiled graphs are cached across runs per geometry."""
@@ -142,10 +130,8 @@ class Engine:
         self.states = self.mask = None
         self.last_thumb: np.ndarray | None = None
         self.cut = False  # the current batch starts a new scene
-        self.adapter_since_refresh: int | None = None  # None: the next batch refreshes the adapter
-        self.prev_out = None  # the last stylized frame, (1, 3, h, w) in [0, 1] on the device
-        self.prev_grey: np.ndarray | None = None  # the last input frame, grey at working resolution
-        self.flow_ms: list[float] = []  # host time spent on optical flow per refresh (benchmarks)
+        if self.temporal is not None:
+            self.temporal.reset()
         self.pending: deque[_Pending] = deque()
         self.fed = 0  # batches fed in this clip
 
@@ -187,7 +173,7 @@ class Engine:
         host = torch.from_numpy(np.ascontiguousarray(frames))
         if self.cuda:
             host = host.pin_memory()
-        flow = self._adapter_flow(frames, geo) if self._adapter_due() else None
+        conditioning = self.temporal.prepare(frames, geo, self.cut) if self.temporal is not None else None
 
         side = self.side or self.main
         with self._on(self.side):
@@ -213,16 +199,15 @@ class Engine:
                 self.main.wait_event(ready)  # batch n's inputs are complete before the U-Net reads them
                 for t in (source, states, mask, x01):
                     t.record_stream(self.main)  # allocated on the side stream, used here: keep alive
-            if flow is not None:
+            if conditioning is not None:
                 with self._stage("adapter", self.main):
-                    self._condition(flow, x01)
+                    self.temporal.apply(conditioning, x01)
             with self._stage("unet", self.main):
                 latents = self._denoise(source, states, mask, geo)
             with self._stage("vae_dec", self.main):
                 y01 = self.steps.vae_decode(latents)
-            if self.lllite is not None:  # the next refresh warps this batch's last output
-                self.prev_out = y01[real - 1 : real].clone()  # clone: CUDA-graph outputs are reused
-                self.prev_grey = self._grey(batch.frames[-1], geo)
+            if self.temporal is not None:  # the next refresh warps this batch's last output
+                self.temporal.remember(y01[real - 1 : real], batch.frames[-1], geo)
             with self._stage("out", self.main):
                 y = to_output(y01, geo)  # (B, H', W', 3) uint8
                 out = torch.empty(y.shape, dtype=torch.uint8, pin_memory=self.cuda)
@@ -320,52 +305,6 @@ class Engine:
         if cut:
             log.debug("scene cut: refreshing the text encoder")
         return due
-
-    # -- the temporal adapter -----------------------------------------------------------------
-
-    def _adapter_due(self) -> bool:
-        """Refresh the adapter's conditioning: first batch of a clip, every N batches, scene cuts."""
-        if self.lllite is None:
-            return False
-        n = self.adapter_since_refresh
-        due = n is None or self.cut or n + 1 >= self.ecfg.adapter_refresh_every
-        self.adapter_since_refresh = 0 if due else n + 1
-        return due
-
-    def _grey(self, frame: np.ndarray, geo) -> np.ndarray:
-        from .flow import grey
-
-        return grey(frame, geo.work_hw, geo.crop)
-
-    def _adapter_flow(self, frames: np.ndarray, geo):
-        """Host side of a refresh: flow from each frame of this batch (the batch that uses it) to
-        the previous batch's last input frame, on CPU threads. None-like "input" when there is
-        nothing to warp (a clip's first batch, a scene cut): the frames condition themselves."""
-        if self.prev_out is None or self.cut:
-            return "input"
-        import os
-        import time
-        from concurrent.futures import ThreadPoolExecutor
-
-        from .flow import flows
-
-        t = time.perf_counter()
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=min(len(frames), os.cpu_count() or 1), thread_name_prefix="flow")
-        f = flows(self.pool, [self._grey(fr, geo) for fr in frames], self.prev_grey, self.ecfg.flow)  # (B, h, w, 2)
-        host = torch.from_numpy(f)
-        self.flow_ms.append((time.perf_counter() - t) * 1000)
-        return host.pin_memory() if self.cuda else host
-
-    def _condition(self, flow, x01: torch.Tensor) -> None:
-        """Device side of a refresh: the conditioning images into the adapter's buffers."""
-        from .flow import warp
-
-        if isinstance(flow, str):  # "input": the frames themselves
-            cond = x01
-        else:
-            cond = warp(self.prev_out, flow.to(self.device, non_blocking=True)).clamp(0, 1)
-        self.lllite.set_condition(cond)
 
     def _encode_text(self, x01: torch.Tensor):
         stack, b = self.stack, x01.shape[0]

@@ -234,20 +234,20 @@ def test_adapter_multiplier_zero_is_the_bare_engine(tiny_stack):
 
 
 def test_adapter_refresh_schedule_and_flow_for_the_batch_that_uses_it(tiny_stack, monkeypatch):
-    import stylize.flow as flow_mod
+    import stylize.temporal as temporal_mod
 
     seen = []
-    real = flow_mod.flows
+    real = temporal_mod.flows
 
     def recording(pool, currents, previous, method="dis"):
         seen.append(([int(c.mean()) for c in currents], int(previous.mean())))
         return real(pool, currents, previous, method)
 
-    monkeypatch.setattr(flow_mod, "flows", recording)
+    monkeypatch.setattr(temporal_mod, "flows", recording)
     engine = _adapter_engine(tiny_stack, adapter_refresh_every=2)
     conditions = []
-    real_condition = engine._condition
-    engine._condition = lambda flow, x01: (conditions.append(isinstance(flow, str)), real_condition(flow, x01))
+    real_apply = engine.temporal.apply
+    engine.temporal.apply = lambda prepared, x01: (conditions.append(isinstance(prepared, str)), real_apply(prepared, x01))
     levels = np.arange(8) * 30 + 10  # each frame a distinct flat grey level
     frames = np.stack([np.full((48, 80, 3), v, np.uint8) for v in levels])
     run(engine, frames, bs=2)  # batches 0..3: refresh at 0 (input frames) and 2 (warped)
@@ -267,8 +267,8 @@ def test_scene_cut_refreshes_adapter_with_input_frames(tiny_stack):
     engine = Engine(tiny_stack, cfg, EngineConfig(adapter="random", adapter_refresh_every=100))
     _randomise(engine.lllite)
     kinds = []
-    real_condition = engine._condition
-    engine._condition = lambda flow, x01: (kinds.append(isinstance(flow, str)), real_condition(flow, x01))
+    real_apply = engine.temporal.apply
+    engine.temporal.apply = lambda prepared, x01: (kinds.append(isinstance(prepared, str)), real_apply(prepared, x01))
     dark, bright = np.full((4, 48, 80, 3), 10, np.uint8), np.full((4, 48, 80, 3), 240, np.uint8)
     run(engine, np.concatenate([dark, bright]), bs=2)
     assert kinds == [True, True]  # the first batch and the cut, both from input frames

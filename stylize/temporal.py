@@ -1,0 +1,92 @@
+"""The temporal adapter's conditioning schedule, per clip (DESIGN §4).
+
+At a refresh (a clip's first batch, every N batches, a scene cut) each frame of the batch gets a
+conditioning image: the previous batch's last stylized frame warped to it by optical flow between
+the previous batch's last *input* frame and this frame; after a cut or at the start of a clip, the
+input frame itself. The flow is computed on CPU threads for the batch that uses it (the reference
+runtime's off-by-one is a known bug), the warp on the GPU; between refreshes the adapter keeps
+its buffers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .config import EngineConfig
+from .flow import flows, grey, warp
+from .models.lllite import TemporalLLLite, load_lllite
+
+INPUT = "input"  # a refresh conditioned on the input frames themselves
+
+
+def attach_adapter(stack, ecfg: EngineConfig):
+    """The adapter of `ecfg` attached to a copy of the stack's U-Net (the stack's stays plain for
+    other users). Returns (adapter, the U-Net to run)."""
+    unet = copy.deepcopy(stack.unet)
+    if ecfg.adapter == "random":  # random weights: speed measurements only
+        lllite = TemporalLLLite(unet, ecfg.adapter_subset)
+    else:
+        lllite = load_lllite(ecfg.adapter, unet, ecfg.adapter_subset)
+    lllite.to(stack.device, stack.dtype)
+    lllite.attach(unet)
+    lllite.set_multiplier(ecfg.adapter_multiplier)
+    return lllite, unet
+
+
+class TemporalConditioner:
+    """Host side (`prepare`: is a refresh due, and its flows) and device side (`apply`: warp and
+    write the adapter's buffers) of the conditioning refresh; `remember` keeps what the next
+    refresh warps. `reset` starts a clip."""
+
+    def __init__(self, lllite: TemporalLLLite, ecfg: EngineConfig, device: torch.device):
+        self.lllite, self.ecfg, self.device = lllite, ecfg, device
+        self.pool: ThreadPoolExecutor | None = None  # flow threads, made on first use
+        self.flow_ms: list[float] = []  # host time per flow refresh (benchmarks)
+        self.reset()
+
+    def reset(self) -> None:
+        self.since_refresh: int | None = None  # None: the next batch refreshes
+        self.prev_out: torch.Tensor | None = None  # the last stylized frame (1, 3, h, w) in [0, 1]
+        self.prev_grey: np.ndarray | None = None  # the last input frame, grey, working resolution
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+    def prepare(self, frames: np.ndarray, geo, cut: bool):
+        """For the batch about to run: None (no refresh), INPUT, or its flows (B, h, w, 2) on the
+        host (pinned on CUDA), from each of its frames to the previous batch's last input frame."""
+        n = self.since_refresh
+        due = n is None or cut or n + 1 >= self.ecfg.adapter_refresh_every
+        self.since_refresh = 0 if due else n + 1
+        if not due:
+            return None
+        if self.prev_out is None or cut:
+            return INPUT
+        t = time.perf_counter()
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=min(len(frames), os.cpu_count() or 1), thread_name_prefix="flow")
+        currents = [grey(f, geo.work_hw, geo.crop) for f in frames]
+        host = torch.from_numpy(flows(self.pool, currents, self.prev_grey, self.ecfg.flow))
+        self.flow_ms.append((time.perf_counter() - t) * 1000)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def apply(self, prepared, x01: torch.Tensor) -> None:
+        """On the current (main) stream, before the U-Net: conditioning images into the buffers."""
+        if prepared is INPUT:
+            cond = x01
+        else:
+            cond = warp(self.prev_out, prepared.to(self.device, non_blocking=True)).clamp(0, 1)
+        self.lllite.set_condition(cond)
+
+    def remember(self, last_out01: torch.Tensor, last_frame: np.ndarray, geo) -> None:
+        """Keep this batch's last output (1, 3, h, w) and input frame for the next refresh."""
+        self.prev_out = last_out01.clone()  # clone: CUDA-graph outputs are overwritten by the next replay
+        self.prev_grey = grey(last_frame, geo.work_hw, geo.crop)
