@@ -57,9 +57,14 @@ def _quiet_libraries(debug: bool) -> None:
     if debug:
         logging.basicConfig(level=logging.INFO)
         return
+    import warnings
+
     import diffusers
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.logging.set_verbosity_error()  # its download retries would print per attempt
+    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()

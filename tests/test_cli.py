@@ -254,3 +254,13 @@ def test_every_real_clip_goes_through_the_command(media_dir, tmp_path):
         t_src = [float(p * src.time_base) for b in video.read_batches(src, 64) for p in b.pts]
         t_dst = [float(p * dst.time_base) for b in video.read_batches(dst, 64) for p in b.pts]
         assert max(abs(a - b) for a, b in zip(t_src, t_dst)) < 0.002, rec["src"]
+
+
+def test_unreachable_default_model_is_one_line(clip, monkeypatch):
+    """No weights and no hub: one error line on stderr, no library warnings or retry chatter."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = invoke(clip, "--style", "oil")
+    assert r.exit_code == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--model DIR" in lines[0]
+    assert ".." not in lines[0]

@@ -135,7 +135,7 @@ def _load_pretrained(cfg: ModelConfig, source: str | None, device, dtype) -> Mod
         try:
             return fn(source, **common, **kwargs)
         except (OSError, ValueError) as e:  # hub unreachable, missing files, non-safetensors weights
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
             raise ModelError(
                 f"model '{cfg.name}': could not load the {what} from {source}: {first}. "
                 "Download the weights where the network allows "
