@@ -154,7 +154,7 @@ def outputs(stylizer, frames: np.ndarray) -> np.ndarray:
     return np.concatenate([b.frames for b in out])
 
 
-def run_row(stack, name, clip, frames_total, prompt, ceiling, parity, ref_out, tmp, paced_frames):
+def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_frames):
     batch, ecfg, compile_, paced = ROWS[name]
     print(f"[{name}] building", flush=True)
     t = time.perf_counter()
@@ -271,7 +271,7 @@ def main() -> None:
     for name in args.rows.split(","):
         batch = ROWS[name][0]
         base = compiled_out.get(batch) if name.startswith("f") else ref_out
-        row, out = run_row(stack, name, clip, args.frames, prompt, ceiling, parity, base, tmp, args.paced_frames)
+        row, out = run_row(stack, name, clip, prompt, ceiling, parity, base, tmp, args.paced_frames)
         if name.startswith("f"):
             row["diff_against"] = f"d{batch}" if base is not None else None
         if name.startswith("d"):

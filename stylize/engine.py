@@ -34,6 +34,7 @@ from .config import EngineConfig, PipelineConfig
 from .models import ModelStack
 from .models.text_encoder import encode, encode_text_only, tokenize_prompt
 from .reference import (
+    draw_noise,
     euler,
     flow_sigmas,
     geometry,
@@ -190,13 +191,13 @@ class Engine:
             with self._stage("vae_enc", side):
                 source = self.steps.vae_encode(x01)  # (B, 4, h/8, w/8)
             states, mask = self.states, self.mask
-            ready = self._record(self.side)
+            inputs_ready = self._record(self.side)
 
         with self._on(self.main):
-            if getattr(self.steps, "compiled", False):
+            if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are dead
-            if ready is not None:
-                self.main.wait_event(ready)  # batch n's inputs are complete before the U-Net reads them
+            if inputs_ready is not None:
+                self.main.wait_event(inputs_ready)  # batch n's inputs are complete before the U-Net reads them
                 for t in (source, states, mask, x01):
                     t.record_stream(self.main)  # allocated on the side stream, used here: keep alive
             if conditioning is not None:
@@ -224,7 +225,8 @@ class Engine:
         if warm_up:
             from . import optimize
 
-            self.flush() if self.sink is not None else None  # the warm-up batch compiled and ran
+            if self.sink is not None:
+                self.flush()  # the warm-up batch compiled and ran
             self.compile_keys[geo.work_hw] = key
             if not had_cache:
                 optimize.save_artifacts(key)
@@ -324,20 +326,10 @@ class Engine:
             states, mask = encode(stack.text_encoder, self.tokens, frames, stack.config.hidden_states)
         return states.expand(b, -1, -1).contiguous(), mask.expand(b, -1).contiguous()
 
-    def _noise(self, b: int, latent_hw) -> torch.Tensor:
-        shape = (1 if self.cfg.fixed_noise else b, self.stack.unet.config.in_channels, *latent_hw)
-        if not self.cfg.fixed_noise:
-            return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.stack.dtype)
-        if latent_hw not in self.noise_cache:
-            self.noise_cache[latent_hw] = torch.randn(
-                shape, generator=self.generator, device=self.device, dtype=self.stack.dtype
-            )
-        return self.noise_cache[latent_hw].expand(b, -1, -1, -1)
-
     def _denoise(self, source, states, mask, geo) -> torch.Tensor:
         b, dtype = source.shape[0], self.stack.dtype
         latent_hw = tuple(source.shape[-2:])
-        x = self._noise(b, latent_hw)
+        x = draw_noise(self.generator, self.noise_cache, self.cfg.fixed_noise, b, self.stack, latent_hw)
         time_ids = self.steps.time_ids(geo.work_hw, b, dtype)
         sigmas = self.steps.sigmas(self.cfg.steps, latent_hw)
         for (sigma, sigma_next), t in zip(zip(sigmas[:-1], sigmas[1:]), self.steps.timesteps(sigmas, b, dtype)):

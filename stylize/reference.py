@@ -111,6 +111,17 @@ def euler(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
     return (x.float() + dt * v.float()).to(x.dtype)
 
 
+def draw_noise(generator, cache: dict, fixed: bool, b: int, stack, latent_hw) -> torch.Tensor:
+    """x_T: (B, 4, h, w) from the clip's seeded generator. Fixed noise draws one pattern per clip
+    (per latent size, kept in `cache`) and repeats it on every frame."""
+    shape = (1 if fixed else b, stack.unet.config.in_channels, *latent_hw)
+    if not fixed:
+        return torch.randn(shape, generator=generator, device=stack.device, dtype=stack.dtype)
+    if latent_hw not in cache:
+        cache[latent_hw] = torch.randn(shape, generator=generator, device=stack.device, dtype=stack.dtype)
+    return cache[latent_hw].expand(b, -1, -1, -1)
+
+
 class ReferenceStylizer:
     """Stylizes batches of frames of one clip. Per-clip state (prompt tokens, fixed noise) is
     rebuilt by `reset`; `stylize` takes any number of frames and pads a short batch to the batch
@@ -129,18 +140,12 @@ class ReferenceStylizer:
     def reset(self) -> None:
         """Start a new clip: the same seed gives the same noise."""
         self.generator = torch.Generator(self.stack.device).manual_seed(self.cfg.seed)
-        self._noise = None
+        self.noise_cache: dict = {}
 
     # -- the per-frame math ------------------------------------------------------------------
 
     def noise(self, b: int, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """x_T: (B, 4, h, w). Fixed noise draws one pattern per clip and repeats it on every frame."""
-        shape = (1 if self.cfg.fixed_noise else b, self.stack.unet.config.in_channels, *latent_hw)
-        if not self.cfg.fixed_noise:
-            return torch.randn(shape, generator=self.generator, device=self.stack.device, dtype=self.stack.dtype)
-        if self._noise is None or self._noise.shape[-2:] != latent_hw:
-            self._noise = torch.randn(shape, generator=self.generator, device=self.stack.device, dtype=self.stack.dtype)
-        return self._noise.expand(b, -1, -1, -1)
+        return draw_noise(self.generator, self.noise_cache, self.cfg.fixed_noise, b, self.stack, latent_hw)
 
     @torch.no_grad()
     def stylize_tensor(self, x01_bchw: torch.Tensor) -> torch.Tensor:
