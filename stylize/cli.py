@@ -185,7 +185,9 @@ def _run_jobs(jobs, model, cfg, ecfg, out, device, err, as_json, quiet, debug) -
         stack = load_stack(model_config(model), device)
         # the engine on CUDA, or wherever an engine option was asked for; else the reference path
         use_engine = device == "cuda" or ecfg != EngineConfig()
-        stylizer = make_stylizer(stack, cfg, ecfg if use_engine else None, _frames_hint(jobs, out))
+        # only `--compile auto` on CUDA needs the run's length, which costs a probe of every clip
+        hint = _frames_hint(jobs, out) if device == "cuda" and ecfg.compile == "auto" else None
+        stylizer = make_stylizer(stack, cfg, ecfg if use_engine else None, hint)
     load_s = round(time.perf_counter() - loading, 2)
     failed = 0
     for job in jobs:

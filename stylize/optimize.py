@@ -52,6 +52,8 @@ def config_key(stack, cfg, ecfg, work_hw) -> str:
         "steps": cfg.steps,
         "work_hw": list(work_hw),
         "engine": [ecfg.cuda_graphs, ecfg.fast_te, ecfg.te_batch_one, ecfg.static_prompt, ecfg.te_bucket],
+        # the adapter changes the U-Net's graph (its weights' values do not): which hooks it wraps
+        "adapter": ecfg.adapter_subset if ecfg.adapter else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

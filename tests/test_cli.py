@@ -264,3 +264,14 @@ def test_unreachable_default_model_is_one_line(clip, monkeypatch):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--model DIR" in lines[0]
     assert ".." not in lines[0]
+
+
+def test_run_length_is_only_probed_for_compile_auto_on_cuda(clip, monkeypatch):
+    import stylize.cli as cli
+
+    def probing(*a, **k):
+        raise AssertionError("probed every clip for a hint nobody uses")
+
+    monkeypatch.setattr(cli, "_frames_hint", probing)
+    r = invoke(clip, "--style", "oil", "--device", "cpu", *FAST)
+    assert r.exit_code == 0, r.output

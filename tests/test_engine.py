@@ -304,3 +304,16 @@ def test_warp_follows_the_flow(method):
     prev_t = torch.from_numpy(previous.astype(np.float32))[None, None]
     warped = warp(prev_t, torch.from_numpy(f)[None])[0, 0].numpy()
     assert np.abs(warped[8:-8, 8:-12] - current[8:-8, 8:-12]).mean() < 4
+
+
+def test_compile_cache_key_tells_adapter_graphs_apart(tiny_stack):
+    """The adapter wraps the U-Net's projections: its compiled graphs must not be taken for the
+    plain engine's (nor one hook subset's for another's)."""
+    from stylize.optimize import config_key
+
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    plain = config_key(tiny_stack, cfg, EngineConfig(), (64, 64))
+    down = config_key(tiny_stack, cfg, EngineConfig(adapter="w.safetensors"), (64, 64))
+    every = config_key(tiny_stack, cfg, EngineConfig(adapter="w.safetensors", adapter_hooks="all"), (64, 64))
+    assert len({plain, down, every}) == 3
+    assert down == config_key(tiny_stack, cfg, EngineConfig(adapter="other.safetensors"), (64, 64))
