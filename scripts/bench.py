@@ -105,6 +105,7 @@ def timeline_summary(timeline: list, batch_size: int) -> dict:
         if stage in ("te", "vae_enc", "unet", "vae_dec"):
             per_batch_gpu[batch] = per_batch_gpu.get(batch, 0.0) + (t1 - t0)
     wall = max(t1 for _, t1, _ in spans) - min(t0 for t0, _, _ in spans)
+    gaps = _main_gaps(timeline, origin)
     busy = _union([(a, b) for a, b, _ in spans])
     per_stream = {s: _union([(a, b) for a, b, st in spans if st == s]) for s in ("main", "side")}
     step_ms = float(np.median(list(per_batch_gpu.values())))
@@ -116,6 +117,25 @@ def timeline_summary(timeline: list, batch_size: int) -> dict:
         "gpu_idle_share": round(1 - busy / wall, 3) if wall else None,
         "streams_overlap_ms": round(per_stream["main"] + per_stream["side"] - busy, 1),
         "step_only_fps": round(batch_size / step_ms * 1000, 1),
+        **gaps,
+    }
+
+
+def _main_gaps(timeline: list, origin) -> dict:
+    """Where the main stream waited: its idle time before each batch's first main-stream stage,
+    split by whether that batch refreshed the adapter's conditioning (a flow on the host)."""
+    first_main: dict[int, float] = {}
+    last_main: dict[int, float] = {}
+    refreshed = {batch for batch, stage, *_ in timeline if stage == "adapter"}
+    for batch, _, stream, start, end in timeline:
+        if stream == "main":
+            first_main[batch] = min(first_main.get(batch, 1e18), origin.elapsed_time(start))
+            last_main[batch] = max(last_main.get(batch, -1e18), origin.elapsed_time(end))
+    idle = {b: max(0.0, first_main[b] - last_main[b - 1]) for b in first_main if b - 1 in last_main}
+    return {
+        "main_idle_ms_refresh_batches": round(sum(v for b, v in idle.items() if b in refreshed), 1),
+        "main_idle_ms_other_batches": round(sum(v for b, v in idle.items() if b not in refreshed), 1),
+        "main_idle_ms_max": round(max(idle.values(), default=0.0), 1),
     }
 
 
@@ -154,7 +174,7 @@ def outputs(stylizer, frames: np.ndarray) -> np.ndarray:
     return np.concatenate([b.frames for b in out])
 
 
-def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_frames):
+def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_frames, warm_only=False):
     batch, ecfg, compile_, paced = ROWS[name]
     print(f"[{name}] building", flush=True)
     t = time.perf_counter()
@@ -170,6 +190,10 @@ def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_fram
     stylize_video(warm_src, tmp / f"warm_{name}_out.mp4", stylizer, enc)
     warmup_s = time.perf_counter() - t
     print(f"[{name}] warm-up {warmup_s:.1f} s", flush=True)
+    if warm_only:  # a cache-filling run (rows compiled in parallel processes before a measured one)
+        if isinstance(stylizer, Engine):
+            stylizer.close()
+        return {"row": name, "batch": batch, "warmup_s": round(warmup_s, 1)}, None
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -186,6 +210,7 @@ def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_fram
     }  # fmt: skip
     if isinstance(stylizer, Engine) and stylizer.flow_ms:
         row["flow_host_ms_median"] = round(float(np.median(stylizer.flow_ms)), 1)
+        row["flow_wait_ms_median"] = round(float(np.median(stylizer.temporal.flow_wait_ms)), 1)
         row["flow_refreshes"] = len(stylizer.flow_ms)
     if isinstance(stylizer, Engine) and cuda:
         row["timeline"] = timeline_summary(stylizer.timeline, batch)
@@ -239,6 +264,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--save-ref", type=Path, help="write the reference row's outputs here (.npy)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (tiny model)")
+    ap.add_argument("--warm-only", action="store_true", help="compile and warm up each row, measure nothing")
     args = ap.parse_args()
 
     cuda = args.device == "cuda"
@@ -271,7 +297,10 @@ def main() -> None:
     for name in args.rows.split(","):
         batch = ROWS[name][0]
         base = compiled_out.get(batch) if name.startswith("f") else ref_out
-        row, out = run_row(stack, name, clip, prompt, ceiling, parity, base, tmp, args.paced_frames)
+        row, out = run_row(stack, name, clip, prompt, ceiling, parity, base, tmp, args.paced_frames, args.warm_only)
+        if args.warm_only:
+            result["rows"].append(row)
+            continue
         if name.startswith("f"):
             row["diff_against"] = f"d{batch}" if base is not None else None
         if name.startswith("d"):
@@ -281,20 +310,36 @@ def main() -> None:
             if args.save_ref:
                 np.save(args.save_ref, out)
         result["rows"].append(row)
+        adapter_costs(result["rows"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))  # after every row: a killed run keeps its rows
-    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    if not args.warm_only:
+        print_table(result)
+
+
+def adapter_costs(rows: list[dict]) -> None:
+    """Each adapter row (e, ea) against the plain row (d) of its batch size from the same run:
+    the share of fps the adapter costs."""
+    plain = {r["batch"]: r for r in rows if r["row"].startswith("d") and not r["row"].startswith("dn")}
+    for r in rows:
+        d = plain.get(r["batch"])
+        if r["row"].startswith("e") and d is not None:
+            r["adapter_cost_vs"] = d["row"]
+            r["adapter_cost"] = round(1 - r["fps"] / d["fps"], 3)
 
 
 def print_table(result: dict) -> None:
     print(f"\n{result['gpu']}  torch {result['versions']['torch']}  ceiling {result['bf16_ceiling_tflops']} TFLOP/s")
-    print(f"{'row':6} {'B':>3} {'fps':>7} {'step':>7} {'p50':>6} {'p95':>6} {'paced50':>7} {'warm s':>7} {'GiB':>5} {'ceil%':>6} {'maxdiff':>7}")
+    print(f"{'row':6} {'B':>3} {'fps':>7} {'step':>7} {'p50':>6} {'p95':>6} {'paced50':>7} {'warm s':>7} {'GiB':>5} {'ceil%':>6} {'maxdiff':>7} {'adapter':>7}")
     for r in result["rows"]:
         r = {k: ("" if v is None else v) for k, v in r.items()}
         print(
             f"{r['row']:6} {r['batch']:>3} {r['fps']:>7} {r.get('step_only_fps', ''):>7} {r['latency_p50_ms']:>6} "
             f"{r['latency_p95_ms']:>6} {r.get('paced_latency_p50_ms', ''):>7} {r['warmup_s']:>7} "
-            f"{r['peak_gpu_mem_gib']:>5} {100 * r['ceiling_share']:>6.1f} {r.get('max_abs_diff_vs_ref', ''):>7}"
+            f"{r['peak_gpu_mem_gib']:>5} {100 * r['ceiling_share']:>6.1f} {r.get('max_abs_diff_vs_ref', ''):>7} "
+            f"{r.get('adapter_cost', ''):>7}"
         )
 
 

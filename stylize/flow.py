@@ -11,7 +11,7 @@ kept as `method="farneback"`.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -44,10 +44,15 @@ def flow_to_previous(current: np.ndarray, previous: np.ndarray, method: str = "d
     return _local.dis.calc(current, previous, None)
 
 
-def flows(pool: ThreadPoolExecutor, currents: list[np.ndarray], previous: np.ndarray, method: str = "dis") -> np.ndarray:
-    """Flows from each current frame to `previous`, computed in parallel (OpenCV releases the
-    GIL): (B, h, w, 2) float32."""
-    return np.stack(list(pool.map(lambda c: flow_to_previous(c, previous, method), currents)))
+def start_flows(pool: ThreadPoolExecutor, frames, previous: np.ndarray, work_hw, crop=None, method: str = "dis") -> list[Future]:
+    """Start the flows from each RGB frame (made grey at the working size on the worker) to
+    `previous` (grey): one task per frame, in parallel (OpenCV releases the GIL)."""
+    return [pool.submit(lambda f=f: flow_to_previous(grey(f, work_hw, crop), previous, method)) for f in frames]
+
+
+def gather(futures: list[Future]) -> np.ndarray:
+    """The started flows, (B, h, w, 2) float32, once all are done."""
+    return np.stack([f.result() for f in futures])
 
 
 def warp(image_bchw: torch.Tensor, flow_bhw2: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig
-from .flow import flows, grey, warp
+from .flow import gather, grey, start_flows, warp
 from .models.lllite import TemporalLLLite, load_lllite
 
 INPUT = "input"  # a refresh conditioned on the input frames themselves
@@ -47,7 +47,8 @@ class TemporalConditioner:
     def __init__(self, lllite: TemporalLLLite, ecfg: EngineConfig, device: torch.device):
         self.lllite, self.ecfg, self.device = lllite, ecfg, device
         self.pool: ThreadPoolExecutor | None = None  # flow threads, made on first use
-        self.flow_ms: list[float] = []  # host time per flow refresh (benchmarks)
+        self.flow_ms: list[float] = []  # per flow refresh, from its start to its last flow (benchmarks)
+        self.flow_wait_ms: list[float] = []  # of which the feeding thread waited (the rest overlapped)
         self.reset()
 
     def reset(self) -> None:
@@ -61,8 +62,9 @@ class TemporalConditioner:
             self.pool = None
 
     def prepare(self, frames: np.ndarray, geo, cut: bool):
-        """For the batch about to run: None (no refresh), INPUT, or its flows (B, h, w, 2) on the
-        host (pinned on CUDA), from each of its frames to the previous batch's last input frame."""
+        """For the batch about to run: None (no refresh), INPUT, or its flows, started on the flow
+        threads (from each of its frames to the previous batch's last input frame); `apply`
+        collects them, after the batch's side-stream work has been issued."""
         n = self.since_refresh
         due = n is None or cut or n + 1 >= self.ecfg.adapter_refresh_every
         self.since_refresh = 0 if due else n + 1
@@ -70,20 +72,26 @@ class TemporalConditioner:
             return None
         if self.prev_out is None or cut:
             return INPUT
-        t = time.perf_counter()
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=min(len(frames), os.cpu_count() or 1), thread_name_prefix="flow")
-        currents = [grey(f, geo.work_hw, geo.crop) for f in frames]
-        host = torch.from_numpy(flows(self.pool, currents, self.prev_grey, self.ecfg.flow))
-        self.flow_ms.append((time.perf_counter() - t) * 1000)
-        return host.pin_memory() if self.device.type == "cuda" else host
+            workers = min(len(frames), os.cpu_count() or 1)
+            self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flow")
+        started = time.perf_counter()
+        return started, start_flows(self.pool, frames, self.prev_grey, geo.work_hw, geo.crop, self.ecfg.flow)
 
     def apply(self, prepared, x01: torch.Tensor) -> None:
         """On the current (main) stream, before the U-Net: conditioning images into the buffers."""
         if prepared is INPUT:
             cond = x01
         else:
-            cond = warp(self.prev_out, prepared.to(self.device, non_blocking=True)).clamp(0, 1)
+            started, futures = prepared
+            waited = time.perf_counter()
+            host = torch.from_numpy(gather(futures))
+            done = time.perf_counter()
+            self.flow_ms.append((done - started) * 1000)
+            self.flow_wait_ms.append((done - waited) * 1000)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            cond = warp(self.prev_out, host.to(self.device, non_blocking=True)).clamp(0, 1)
         self.lllite.set_condition(cond)
 
     def remember(self, last_out01: torch.Tensor, last_frame: np.ndarray, geo) -> None:

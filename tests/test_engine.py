@@ -13,7 +13,7 @@ from stylize.config import EngineConfig, PipelineConfig
 from stylize.engine import Engine
 from stylize.fast_te import FastTextEncoder
 from stylize.models.text_encoder import encode, tokenize_prompt
-from stylize.reference import ReferenceStylizer
+from stylize.reference import ReferenceStylizer, geometry
 from stylize.video import FrameBatch
 
 OIL = "transfer this to oil painting style, vibrant colors"
@@ -237,13 +237,13 @@ def test_adapter_refresh_schedule_and_flow_for_the_batch_that_uses_it(tiny_stack
     import stylize.temporal as temporal_mod
 
     seen = []
-    real = temporal_mod.flows
+    real = temporal_mod.start_flows
 
-    def recording(pool, currents, previous, method="dis"):
-        seen.append(([int(c.mean()) for c in currents], int(previous.mean())))
-        return real(pool, currents, previous, method)
+    def recording(pool, frames, previous, work_hw, crop=None, method="dis"):
+        seen.append(([int(f.mean()) for f in frames], int(previous.mean())))
+        return real(pool, frames, previous, work_hw, crop, method)
 
-    monkeypatch.setattr(temporal_mod, "flows", recording)
+    monkeypatch.setattr(temporal_mod, "start_flows", recording)
     engine = _adapter_engine(tiny_stack, adapter_refresh_every=2)
     conditions = []
     real_apply = engine.temporal.apply
@@ -317,3 +317,29 @@ def test_compile_cache_key_tells_adapter_graphs_apart(tiny_stack):
     every = config_key(tiny_stack, cfg, EngineConfig(adapter="w.safetensors", adapter_hooks="all"), (64, 64))
     assert len({plain, down, every}) == 3
     assert down == config_key(tiny_stack, cfg, EngineConfig(adapter="other.safetensors"), (64, 64))
+
+
+def test_flows_run_beside_the_feeding_thread(tiny_stack, monkeypatch):
+    """`prepare` only starts the flows; the feeding thread collects them in `apply`, after issuing
+    the batch's side-stream work, so a slow flow overlaps that work instead of preceding it."""
+    import time
+
+    import stylize.flow as flow_mod
+
+    real = flow_mod.flow_to_previous
+
+    def slow(current, previous, method="dis"):
+        time.sleep(0.3)
+        return real(current, previous, method)
+
+    monkeypatch.setattr(flow_mod, "flow_to_previous", slow)
+    engine = _adapter_engine(tiny_stack, adapter_refresh_every=1)
+    frames = _clip(4, seed=2)
+    run(engine, frames[:2], bs=2)  # the first batch conditions on its inputs: no flow
+    geo = geometry(frames.shape[1:3], 64, engine.multiple)
+    t = time.perf_counter()
+    prepared = engine.temporal.prepare(frames[2:], geo, cut=False)
+    assert time.perf_counter() - t < 0.15  # started, not waited for
+    engine.temporal.apply(prepared, torch.rand(2, 3, *geo.work_hw))
+    assert engine.temporal.flow_ms[-1] >= 300 and engine.temporal.flow_wait_ms[-1] <= engine.temporal.flow_ms[-1]
+    engine.close()
