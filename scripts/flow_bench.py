@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stylize import video  # noqa: E402
-from stylize.flow import gather, grey, start_flows  # noqa: E402
+from stylize.flow import grey, start_flows, wait  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +38,10 @@ def main() -> None:
     args = ap.parse_args()
 
     frames = np.concatenate([b.frames for b in video.read_batches(video.probe(args.clip), 64)])
+    frames = frames[np.arange(args.batch * args.repeats + 8) % len(frames)]  # looped when short
     hw = (args.size, args.size)
-    greys = [grey(f, hw) for f in frames[: args.batch * args.repeats + 8]]
+    greys = [grey(f, hw) for f in frames]
+    out = np.empty((args.batch, *hw, 2), np.float32)
     cores = os.cpu_count() or 1
     default_cv = cv2.getNumThreads()
     rows = []
@@ -47,13 +49,13 @@ def main() -> None:
         cv2.setNumThreads(cv_threads)
         for workers in sorted({1, 2, 4, 8, min(args.batch, cores), max(1, cores - 2)}):
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                gather(start_flows(pool, frames[8 : 8 + args.batch], greys[7], hw))  # warm: per-thread DIS
+                wait(start_flows(pool, frames[8 : 8 + args.batch], greys[7], out))  # warm: per-thread DIS
                 times = []
                 for r in range(args.repeats):
                     cur = frames[8 + r * args.batch : 8 + (r + 1) * args.batch]
                     prev = greys[7 + r * args.batch]
                     t = time.perf_counter()
-                    gather(start_flows(pool, cur, prev, hw))
+                    wait(start_flows(pool, cur, prev, out))
                     times.append((time.perf_counter() - t) * 1000)
             row = {"cv2_threads": cv_threads, "workers": workers, "ms_per_refresh": round(float(np.median(times)), 1)}
             rows.append(row)

@@ -10,6 +10,7 @@ kept as `method="farneback"`.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -44,15 +45,33 @@ def flow_to_previous(current: np.ndarray, previous: np.ndarray, method: str = "d
     return _local.dis.calc(current, previous, None)
 
 
-def start_flows(pool: ThreadPoolExecutor, frames, previous: np.ndarray, work_hw, crop=None, method: str = "dis") -> list[Future]:
-    """Start the flows from each RGB frame (made grey at the working size on the worker) to
-    `previous` (grey): one task per frame, in parallel (OpenCV releases the GIL)."""
-    return [pool.submit(lambda f=f: flow_to_previous(grey(f, work_hw, crop), previous, method)) for f in frames]
+def start_flows(pool: ThreadPoolExecutor, frames, previous: np.ndarray, out: np.ndarray, crop=None, method: str = "dis") -> list[Future]:
+    """Start the flows from each RGB frame to `previous` (grey): one task per frame, in parallel
+    (OpenCV releases the GIL), each making its frame grey at the working size and writing its
+    flow into `out[i]` ((B, h, w, 2) float32: pinned memory, ready for the upload)."""
+    work_hw = out.shape[1:3]
+
+    def one(i: int) -> None:
+        out[i] = flow_to_previous(grey(frames[i], work_hw, crop), previous, method)
+
+    return [pool.submit(one, i) for i in range(len(frames))]
 
 
-def gather(futures: list[Future]) -> np.ndarray:
-    """The started flows, (B, h, w, 2) float32, once all are done."""
-    return np.stack([f.result() for f in futures])
+def wait(futures: list[Future]) -> None:
+    """Until every started flow is written (re-raising a worker's error)."""
+    for f in futures:
+        f.result()
+
+
+def flow_pool(batch_size: int) -> ThreadPoolExecutor:
+    """Threads for the flows: one per frame, at most half the cores, with OpenCV's own threading
+    off (one DIS per thread). Measured on the 16-core H100 host (benchmarks/NOTES.md): all cores
+    gave the fastest refresh alone but starved the threads that feed the GPU and encode."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    workers = max(1, min(batch_size, (os.cpu_count() or 2) // 2))
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flow")
 
 
 def warp(image_bchw: torch.Tensor, flow_bhw2: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ its buffers.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig
-from .flow import gather, grey, start_flows, warp
+from .flow import flow_pool, grey, start_flows, wait, warp
 from .models.lllite import TemporalLLLite, load_lllite
 
 INPUT = "input"  # a refresh conditioned on the input frames themselves
@@ -47,6 +46,8 @@ class TemporalConditioner:
     def __init__(self, lllite: TemporalLLLite, ecfg: EngineConfig, device: torch.device):
         self.lllite, self.ecfg, self.device = lllite, ecfg, device
         self.pool: ThreadPoolExecutor | None = None  # flow threads, made on first use
+        self.flow_host: torch.Tensor | None = None  # the flows on the host, (B, h, w, 2)
+        self.uploaded: torch.cuda.Event | None = None  # the last upload from flow_host is done
         self.flow_ms: list[float] = []  # per flow refresh, from its start to its last flow (benchmarks)
         self.flow_wait_ms: list[float] = []  # of which the feeding thread waited (the rest overlapped)
         self.reset()
@@ -73,26 +74,37 @@ class TemporalConditioner:
         if self.prev_out is None or cut:
             return INPUT
         if self.pool is None:
-            workers = min(len(frames), os.cpu_count() or 1)
-            self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flow")
+            self.pool = flow_pool(len(frames))
+        out = self._flow_buffer((len(frames), *geo.work_hw, 2))
         started = time.perf_counter()
-        return started, start_flows(self.pool, frames, self.prev_grey, geo.work_hw, geo.crop, self.ecfg.flow)
+        return started, out, start_flows(self.pool, frames, self.prev_grey, out.numpy(), geo.crop, self.ecfg.flow)
 
     def apply(self, prepared, x01: torch.Tensor) -> None:
         """On the current (main) stream, before the U-Net: conditioning images into the buffers."""
         if prepared is INPUT:
             cond = x01
         else:
-            started, futures = prepared
+            started, host, futures = prepared
             waited = time.perf_counter()
-            host = torch.from_numpy(gather(futures))
+            wait(futures)
             done = time.perf_counter()
             self.flow_ms.append((done - started) * 1000)
             self.flow_wait_ms.append((done - waited) * 1000)
+            flow = host.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
-                host = host.pin_memory()
-            cond = warp(self.prev_out, host.to(self.device, non_blocking=True)).clamp(0, 1)
+                self.uploaded = torch.cuda.Event()
+                self.uploaded.record()
+            cond = warp(self.prev_out, flow).clamp(0, 1)
         self.lllite.set_condition(cond)
+
+    def _flow_buffer(self, shape) -> torch.Tensor:
+        """The host buffer the flow threads write into: pinned on CUDA, reused from refresh to
+        refresh once the last upload from it has finished."""
+        if self.flow_host is None or tuple(self.flow_host.shape) != shape:
+            self.flow_host = torch.empty(shape, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        elif self.uploaded is not None:
+            self.uploaded.synchronize()  # long done: the upload was issued a batch or more ago
+        return self.flow_host
 
     def remember(self, last_out01: torch.Tensor, last_frame: np.ndarray, geo) -> None:
         """Keep this batch's last output (1, 3, h, w) and input frame for the next refresh."""

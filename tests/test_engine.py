@@ -239,9 +239,9 @@ def test_adapter_refresh_schedule_and_flow_for_the_batch_that_uses_it(tiny_stack
     seen = []
     real = temporal_mod.start_flows
 
-    def recording(pool, frames, previous, work_hw, crop=None, method="dis"):
+    def recording(pool, frames, previous, out, crop=None, method="dis"):
         seen.append(([int(f.mean()) for f in frames], int(previous.mean())))
-        return real(pool, frames, previous, work_hw, crop, method)
+        return real(pool, frames, previous, out, crop, method)
 
     monkeypatch.setattr(temporal_mod, "start_flows", recording)
     engine = _adapter_engine(tiny_stack, adapter_refresh_every=2)
