@@ -49,11 +49,16 @@ ROWS = {
     **{f"cf{b}": (b, EngineConfig(compile="off"), False, False) for b in (8, 16)},  # + fast TE, eager
     **{f"d{b}": (b, EngineConfig(compile="on"), True, True) for b in (8, 16)},
     **{f"dn{b}": (b, EngineConfig(compile="on", side_stream=False), True, False) for b in (8, 16)},
+    **{f"du{b}": (b, EngineConfig(compile="on", fuse_qkv=False), True, False) for b in (8, 16)},  # q, k, v apart
     **{f"fm{b}": (b, EngineConfig(compile="on", te_refresh_every=8), True, True) for b in (8, 16)},
     **{f"fo{b}": (b, EngineConfig(compile="on", te_batch_one=True), True, False) for b in (8, 16)},
     **{f"fs{b}": (b, EngineConfig(compile="on", static_prompt=True), True, False) for b in (8, 16)},
     # (e) the temporal adapter (random weights: speed only): the paper's champion, and all hooks N=1
     **{f"e{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8), True, True) for b in (8, 16)},
+    **{
+        f"eu{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, fuse_qkv=False), True, False)
+        for b in (8, 16)
+    },
     **{
         f"ea{b}": (b, EngineConfig(compile="on", adapter="random", adapter_hooks="all", adapter_refresh_every=1), True, False)
         for b in (8, 16)
@@ -322,9 +327,9 @@ def main() -> None:
 def adapter_costs(rows: list[dict]) -> None:
     """Each adapter row (e, ea) against the plain row (d) of its batch size from the same run:
     the share of fps the adapter costs."""
-    plain = {r["batch"]: r for r in rows if r["row"].startswith("d") and not r["row"].startswith("dn")}
     for r in rows:
-        d = plain.get(r["batch"])
+        plain = "du" if r["row"].startswith("eu") else "d"  # the plain row with the same projections
+        d = next((p for p in rows if p["row"] == f"{plain}{r['batch']}"), None)
         if r["row"].startswith("e") and d is not None:
             r["adapter_cost_vs"] = d["row"]
             r["adapter_cost"] = round(1 - r["fps"] / d["fps"], 3)

@@ -96,6 +96,7 @@ class EngineConfig:
 
     side_stream: bool = True
     fast_te: bool = True
+    fuse_qkv: bool = True  # one projection GEMM per self-attention (optimize.fuse_qkv)
     compile: Literal["auto", "on", "off"] = "auto"
     cuda_graphs: bool = True
     te_refresh_every: int = 1

@@ -21,6 +21,7 @@ code runs with no streams (the tests check it against the reference path).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import queue
 import threading
@@ -79,10 +80,16 @@ class Engine:
         self.multiple = 8 * 2 ** (len(stack.unet.config.block_out_channels) - 1)
         self.lllite = self.temporal = None
         unet = stack.unet
+        if ecfg.fuse_qkv or ecfg.adapter:  # these change the U-Net's modules: the engine's own copy
+            unet = copy.deepcopy(unet)
+        if ecfg.fuse_qkv:
+            from .optimize import fuse_qkv
+
+            fuse_qkv(unet)
         if ecfg.adapter:
             from .temporal import TemporalConditioner, attach_adapter
 
-            self.lllite, unet = attach_adapter(stack, ecfg)
+            self.lllite = attach_adapter(unet, stack, ecfg)
             self.temporal = TemporalConditioner(self.lllite, ecfg, self.device)
         self.steps = _Steps(stack, unet)  # the callables the GPU runs; `optimize` may compile them
         self.fast_te = None

@@ -18,6 +18,7 @@ the second run of the same shapes starts in seconds. `--compile auto` compiles w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ def config_key(stack, cfg, ecfg, work_hw) -> str:
         "batch": cfg.batch_size,
         "steps": cfg.steps,
         "work_hw": list(work_hw),
-        "engine": [ecfg.cuda_graphs, ecfg.fast_te, ecfg.te_batch_one, ecfg.static_prompt, ecfg.te_bucket],
+        "engine": [ecfg.cuda_graphs, ecfg.fast_te, ecfg.te_batch_one, ecfg.static_prompt, ecfg.te_bucket, ecfg.fuse_qkv],
         # the adapter changes the U-Net's graph (its weights' values do not): which hooks it wraps
         "adapter": ecfg.adapter_subset if ecfg.adapter else None,
     }
@@ -112,3 +113,72 @@ def compile_steps(steps, cuda_graphs: bool = True, backend: str = "inductor") ->
     steps.vae_encode = comp(steps.vae_encode)
     steps.text = comp(steps.text)
     steps.compiled = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused QKV: one projection GEMM per self-attention instead of three
+# ---------------------------------------------------------------------------------------------
+
+
+def fuse_qkv(unet) -> int:
+    """Give each self-attention of the DreamLite U-Net one `to_qkv` projection (diffusers'
+    `Attention.fuse_projections`) and the processor that uses it; returns how many. The same
+    function, one GEMM where there were three reading the same input; the temporal adapter's
+    three attn1 hooks then sit beside it as one wrapper (models/lllite.py). Changes `unet`."""
+    from diffusers.models.attention_processor import Attention
+
+    n = 0
+    for attn in unet.modules():
+        if isinstance(attn, Attention) and not attn.is_cross_attention and not hasattr(attn, "to_qkv"):
+            attn.fuse_projections()
+            attn.set_processor(_fused_processor_class()())
+            n += 1
+    return n
+
+
+@functools.cache
+def _fused_processor_class():
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.unets.unet_dreamlite import DreamLiteAttnProcessor2_0
+
+    class FusedQKVAttnProcessor(DreamLiteAttnProcessor2_0):
+        """diffusers' DreamLiteAttnProcessor2_0 (GQA/MQA with q/k norms) with q, k and v from
+        `attn.to_qkv` in one GEMM; given encoder states (cross-attention) it is the stock one."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            if encoder_hidden_states is not None or attn.spatial_norm is not None or hidden_states.ndim != 3:
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            residual = hidden_states
+            batch_size, sequence_length, _ = hidden_states.shape  # (B, N, C)
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            if attn.group_norm is not None:
+                hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+            qkv = attn.to_qkv(hidden_states)  # (B, N, heads·d + 2·kv_heads·d)
+            kv_width = attn.to_k.out_features
+            query, key, value = qkv.split([qkv.shape[-1] - 2 * kv_width, kv_width, kv_width], dim=-1)
+            head_dim = query.shape[-1] // attn.heads
+            kv_heads = kv_width // head_dim
+            query = query.view(batch_size, -1, attn.heads, head_dim)  # (B, N, heads, d)
+            key = key.view(batch_size, -1, kv_heads, head_dim)
+            value = value.view(batch_size, -1, kv_heads, head_dim)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if kv_heads != attn.heads:  # GQA / MQA: repeat K/V heads up to the query heads
+                repeat = attn.heads // kv_heads
+                key = torch.repeat_interleave(key, repeat, dim=2, output_size=key.shape[2] * repeat)
+                value = torch.repeat_interleave(value, repeat, dim=2, output_size=value.shape[2] * repeat)
+            hidden_states = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )  # fmt: skip
+            hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
+            if attn.residual_connection:
+                hidden_states = hidden_states + residual
+            return hidden_states / attn.rescale_output_factor
+
+    return FusedQKVAttnProcessor

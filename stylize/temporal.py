@@ -10,7 +10,6 @@ its buffers.
 
 from __future__ import annotations
 
-import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,10 +23,8 @@ from .models.lllite import TemporalLLLite, load_lllite
 INPUT = "input"  # a refresh conditioned on the input frames themselves
 
 
-def attach_adapter(stack, ecfg: EngineConfig):
-    """The adapter of `ecfg` attached to a copy of the stack's U-Net (the stack's stays plain for
-    other users). Returns (adapter, the U-Net to run)."""
-    unet = copy.deepcopy(stack.unet)
+def attach_adapter(unet, stack, ecfg: EngineConfig) -> TemporalLLLite:
+    """The adapter of `ecfg`, attached to `unet` (the engine's own copy of the stack's U-Net)."""
     if ecfg.adapter == "random":  # random weights: speed measurements only
         lllite = TemporalLLLite(unet, ecfg.adapter_subset)
     else:
@@ -35,7 +32,7 @@ def attach_adapter(stack, ecfg: EngineConfig):
     lllite.to(stack.device, stack.dtype)
     lllite.attach(unet)
     lllite.set_multiplier(ecfg.adapter_multiplier)
-    return lllite, unet
+    return lllite
 
 
 class TemporalConditioner:

@@ -9,6 +9,7 @@ import torch
 
 from stylize.errors import ModelError
 from stylize.models.lllite import TemporalLLLite, hook_names, load_lllite
+from stylize.optimize import fuse_qkv
 
 
 def _randomise(lllite: TemporalLLLite, seed: int = 0) -> None:
@@ -17,6 +18,7 @@ def _randomise(lllite: TemporalLLLite, seed: int = 0) -> None:
     with torch.no_grad():
         for p in lllite.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    lllite.derive()  # attached wrappers fold the new weights
 
 
 def _inputs(unet, b=2, h=8, w=8, seed=0):
@@ -58,24 +60,59 @@ def _plain(unet, lllite, cond01, multiplier, *args):
             h.remove()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "separate-qkv"])
 @pytest.mark.parametrize("subset", ["down_blocks", "all", ["mid_block", "up_blocks.0"]])
-def test_compile_friendly_form_equals_plain_formulation(tiny_stack, subset):
+def test_compile_friendly_form_equals_plain_formulation(tiny_stack, subset, fused):
     unet = copy.deepcopy(tiny_stack.unet)
-    lllite = TemporalLLLite(unet, subset)
+    host = copy.deepcopy(unet)  # the U-Net the adapter attaches to: with one to_qkv per self-attention, or stock
+    if fused:
+        assert fuse_qkv(host) > 0
+    lllite = TemporalLLLite(host, subset)
     _randomise(lllite)
     x, t, states, mask, time_ids, cond01 = _inputs(unet)
     want = _plain(unet, lllite, cond01, 0.7, x, t, states, mask, time_ids)
     bare = _unet_out(unet, x, t, states, mask, time_ids)
-    lllite.attach(unet)
+    wrappers = lllite.attach(host)
+    triples = sum(len(w.hook_names) == 3 for w in wrappers)
+    assert triples == (sum(n.endswith("attn1.to_q") for n in lllite.names) if fused else 0)  # q, k, v: one wrapper
     lllite.set_multiplier(0.7)
     lllite.set_condition(cond01)
-    got = _unet_out(unet, x, t, states, mask, time_ids)
+    got = _unet_out(host, x, t, states, mask, time_ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, bare, atol=1e-3)  # the adapter does something
-    lllite.set_multiplier(0.0)  # "off" is multiplier 0: exactly the bare U-Net
-    assert torch.equal(_unet_out(unet, x, t, states, mask, time_ids), bare)
-    lllite.detach(unet)
-    assert torch.equal(_unet_out(unet, x, t, states, mask, time_ids), bare)
+    lllite.set_multiplier(0.0)  # "off" is multiplier 0: the bare U-Net
+    torch.testing.assert_close(_unet_out(host, x, t, states, mask, time_ids), bare, rtol=1e-6, atol=1e-6)
+    lllite.detach(host)
+    torch.testing.assert_close(_unet_out(host, x, t, states, mask, time_ids), bare, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_qkv_is_the_same_unet(tiny_stack):
+    unet = copy.deepcopy(tiny_stack.unet)
+    x, t, states, mask, time_ids, _ = _inputs(unet)
+    want = _unet_out(unet, x, t, states, mask, time_ids)
+    n = fuse_qkv(unet)
+    selfs = [m for m in unet.modules() if hasattr(m, "to_qkv")]
+    assert n == len(selfs) > 0 and fuse_qkv(unet) == 0  # every self-attention, once
+    torch.testing.assert_close(_unet_out(unet, x, t, states, mask, time_ids), want, rtol=1e-6, atol=1e-6)
+
+
+def test_loading_weights_refolds_attached_wrappers(tiny_stack):
+    stock = tiny_stack.unet
+    unet = copy.deepcopy(stock)
+    fuse_qkv(unet)
+    x, t, states, mask, time_ids, cond01 = _inputs(unet)
+    source = TemporalLLLite(unet, "all")
+    _randomise(source, seed=5)
+    target = TemporalLLLite(unet, "all")
+    target.attach(unet)
+    target.set_condition(cond01)
+    before = _unet_out(unet, x, t, states, mask, time_ids)
+    target.load_state_dict(source.state_dict())  # the folded W·U and stacked weights follow
+    target.set_condition(cond01)
+    after = _unet_out(unet, x, t, states, mask, time_ids)
+    want = _plain(stock, source, cond01, 1.0, x, t, states, mask, time_ids)  # pre-hooks on the stock to_q/k/v
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
 
 
 def test_refresh_updates_buffers_in_place(tiny_stack):

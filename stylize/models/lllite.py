@@ -14,10 +14,12 @@ The U-Net's input is width-concatenated [generated | source], so the embedding i
 along the width: only the generated half is conditioned.
 
 Compile-friendly form: the host Linear is wrapped (`LLLiteLinear`, a plain module holding the
-original Linear and its adapter); the per-refresh conditioning lives in persistent buffers updated
+original Linear and its adapters); the per-refresh conditioning lives in persistent buffers updated
 in place (`copy_`), the multiplier is a buffer too ("off" is 0.0, never None), so U-Net + adapter
 trace as one graph with no Python branch on values. Exact algebra: the embedding's share of `mid`
-(W_emb·emb + b) is computed once per refresh, so each step only adds W_x·down(x) to it.
+(W_emb·emb + b) is computed once per refresh, so each step only adds W_x·down(x) to it; and
+W(x + U h) = W x + (W U) h folds every `up` into the host's GEMM, so the three attn1 hooks sit
+beside a fused QKV projection as one wrapper.
 """
 
 from __future__ import annotations
@@ -105,18 +107,57 @@ class LLLiteModule(nn.Module):
 
 
 class LLLiteLinear(nn.Module):
-    """A hooked Linear: `base(x + multiplier · adapter(x))`. `mid_share` and `multiplier` are
-    buffers written in place between calls (compiled graphs read their fixed addresses)."""
+    """A hooked Linear and the adapters on its input: the output rows `rows[i]` of the host see
+    `x + multiplier·up_i(mid_i(cat(emb_i, down_i(x))))`. A host with one adapter is a plain hooked
+    Linear; a fused `to_qkv` (optimize.fuse_qkv) carries the attn1 q, k and v hooks, which share
+    their input. Exact algebra makes it two GEMMs over the tokens instead of 1 + 3 per adapter:
 
-    def __init__(self, base: nn.Linear, adapter: LLLiteModule, multiplier: torch.Tensor):
+        h   = relu(share + W_mid·relu(W_down·x + b_down))    every adapter's down and mid at once
+        out = [W | W·U]·[x ; m·h] + b + m·W·b_up              the host and every up in one GEMM
+
+    with W_down stacked, W_mid block-diagonal and W·U placed at each adapter's rows. The derived
+    weights are buffers (`derive`, at attach and whenever the weights change); `mid_share` (the
+    embedding's share of mid, per refresh) and `multiplier` are buffers written in place, so a
+    compiled graph reads fixed addresses and "off" is multiplier 0."""
+
+    def __init__(self, base: nn.Linear, adapters: list[LLLiteModule], rows: list[slice], multiplier: torch.Tensor):
         super().__init__()
-        self.base, self.adapter = base, adapter
+        self.base, self.adapters, self.rows = base, nn.ModuleList(adapters), rows
         self.register_buffer("multiplier", multiplier, persistent=False)  # shared by every hook
         self.register_buffer("mid_share", torch.zeros(0, device=base.weight.device), persistent=False)
+        self.derive()
+
+    @torch.no_grad()
+    def derive(self) -> None:
+        """The stacked, block-diagonal and host-folded weights, from the current weights (in
+        float32, stored in the host's dtype; in place once they exist)."""
+        w = self.base.weight.float()  # (out, C)
+        ups = [a.up[0] for a in self.adapters]
+        folded = torch.zeros(w.shape[0], MLP * len(ups), device=w.device)  # W·U at each adapter's rows
+        up_bias = torch.zeros(w.shape[0], device=w.device)  # W·b_up
+        for i, (up, rows) in enumerate(zip(ups, self.rows)):
+            folded[rows, i * MLP : (i + 1) * MLP] = w[rows] @ up.weight.float()
+            up_bias[rows] = w[rows] @ up.bias.float()
+        derived = {
+            "down_w": torch.cat([a.down[0].weight for a in self.adapters]),  # (n·64, C)
+            "down_b": torch.cat([a.down[0].bias for a in self.adapters]),
+            "mid_w": torch.block_diag(*[a.mid[0].weight[:, COND_EMB:] for a in self.adapters]),  # (n·64, n·64)
+            "host_w": torch.cat([w, folded], dim=1),  # (out, C + n·64)
+            "up_bias": up_bias,
+        }
+        for name, value in derived.items():
+            value = value.to(self.base.weight.dtype)
+            if name in self._buffers and self._buffers[name].shape == value.shape:
+                self._buffers[name].copy_(value)
+            else:
+                self.register_buffer(name, value, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = self.adapter.delta(x, self.mid_share.to(x.dtype))
-        return self.base(x + self.multiplier.to(x.dtype) * delta)
+        h = F.relu(F.linear(x, self.down_w, self.down_b))  # (B, N, n·64)
+        h = F.relu(self.mid_share.to(x.dtype) + F.linear(h, self.mid_w))
+        m = self.multiplier.to(x.dtype)
+        bias = m * self.up_bias if self.base.bias is None else self.base.bias + m * self.up_bias
+        return F.linear(torch.cat([x, m * h], dim=-1), self.host_w, bias)  # (B, N, out)
 
 
 class TemporalLLLite(nn.Module):
@@ -134,29 +175,51 @@ class TemporalLLLite(nn.Module):
                 for n in self.names
             }
         )
+        self.wrappers: list[LLLiteLinear] = []
+        self.register_load_state_dict_post_hook(lambda module, keys: module.derive())
 
     def attach(self, unet) -> list[LLLiteLinear]:
-        """Wrap each hooked Linear of `unet` (once, before compiling). Returns the wrappers."""
+        """Wrap each hooked Linear of `unet` (once, before compiling); where the U-Net's
+        self-attention has a fused `to_qkv`, its q, k and v hooks share one wrapper on it.
+        Returns the wrappers."""
         param = next(self.parameters())
         self.multiplier = torch.ones((), device=param.device, dtype=torch.float32)
-        self.wrappers = []
+        hosts: dict[str, list[tuple[str, slice]]] = {}
         for name in self.names:
-            parent_name, _, child = name.rpartition(".")
+            attn_path, _, proj = name.rpartition(".")
+            attn = unet.get_submodule(attn_path)
+            if hasattr(attn, "to_qkv") and proj in ("to_q", "to_k", "to_v"):
+                q, kv = attn.to_q.out_features, attn.to_k.out_features
+                rows = {"to_q": slice(0, q), "to_k": slice(q, q + kv), "to_v": slice(q + kv, q + 2 * kv)}[proj]
+                hosts.setdefault(f"{attn_path}.to_qkv", []).append((name, rows))
+            else:
+                hosts.setdefault(name, []).append((name, slice(None)))
+        self.wrappers, self.hosts = [], list(hosts)
+        for host, hooks in hosts.items():
+            parent_name, _, child = host.rpartition(".")
             parent = unet.get_submodule(parent_name)
             base = getattr(parent, child)
             if isinstance(base, LLLiteLinear):
-                raise ModelError(f"{name} already has an adapter attached")
-            wrapper = LLLiteLinear(base, self.adapters[name.replace(".", "__")], self.multiplier)
+                raise ModelError(f"{host} already has an adapter attached")
+            adapters = [self.adapters[n.replace(".", "__")] for n, _ in hooks]
+            wrapper = LLLiteLinear(base, adapters, [r for _, r in hooks], self.multiplier)
+            wrapper.hook_names = [n for n, _ in hooks]
             setattr(parent, child, wrapper)
             self.wrappers.append(wrapper)
         return self.wrappers
 
     def detach(self, unet) -> None:
         """Put the original Linears back."""
-        for name, wrapper in zip(self.names, self.wrappers):
-            parent_name, _, child = name.rpartition(".")
+        for host, wrapper in zip(self.hosts, self.wrappers):
+            parent_name, _, child = host.rpartition(".")
             setattr(unet.get_submodule(parent_name), child, wrapper.base)
         self.wrappers = []
+
+    def derive(self) -> None:
+        """After the adapters' weights change (loading does this itself): rebuild the attached
+        wrappers' derived weights, in place."""
+        for wrapper in self.wrappers:
+            wrapper.derive()
 
     def set_multiplier(self, value: float) -> None:
         self.multiplier.fill_(value)
@@ -164,25 +227,25 @@ class TemporalLLLite(nn.Module):
     @torch.no_grad()
     def set_condition(self, cond01_bchw: torch.Tensor) -> None:
         """A refresh: conditioning images (B, 3, H, W) in [0, 1] at the working resolution →
-        every hook's `mid_share` buffer, in place when its shape is unchanged.
+        every wrapper's `mid_share` buffer, in place when its shape is unchanged.
 
         The hooks of one stride run as one grouped network (their convs stacked along the
         channels, `groups=n` after the first): the same arithmetic as n separate networks, in a
         handful of kernels instead of hundreds."""
         cond = cond01_bchw * 2 - 1  # the adapter's input range (as its training pipeline normalises)
-        for stride, wrappers in self._by_stride().items():
-            shares = self._grouped_shares([w.adapter for w in wrappers], cond)  # (n, B, N, 64)
-            for wrapper, share in zip(wrappers, shares):
-                if wrapper.mid_share.shape == share.shape:
-                    wrapper.mid_share.copy_(share)
-                else:  # a new batch size or geometry: a new buffer (and, compiled, a new graph)
-                    wrapper.mid_share = share.contiguous()
-
-    def _by_stride(self) -> dict[int, list[LLLiteLinear]]:
-        groups: dict[int, list[LLLiteLinear]] = {}
-        for w in self.wrappers:
-            groups.setdefault(w.adapter.stride, []).append(w)
-        return groups
+        by_stride: dict[int, list[str]] = {}
+        for name in self.names:
+            by_stride.setdefault(self.adapters[name.replace(".", "__")].stride, []).append(name)
+        shares = {}
+        for names in by_stride.values():
+            grouped = self._grouped_shares([self.adapters[n.replace(".", "__")] for n in names], cond)
+            shares.update(zip(names, grouped))  # each (B, N, 64)
+        for wrapper in self.wrappers:
+            share = torch.cat([shares[n] for n in wrapper.hook_names], dim=-1)  # (B, N, n·64)
+            if wrapper.mid_share.shape == share.shape:
+                wrapper.mid_share.copy_(share)
+            else:  # a new batch size or geometry: a new buffer (and, compiled, a new graph)
+                wrapper.mid_share = share
 
     @staticmethod
     def _grouped_shares(adapters: list[LLLiteModule], cond: torch.Tensor) -> torch.Tensor:
