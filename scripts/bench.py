@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stylize import video  # noqa: E402
+from stylize.writer import VideoWriter  # noqa: E402
 from stylize.config import EngineConfig, PipelineConfig, model_config, style_config  # noqa: E402
 from stylize.engine import Engine  # noqa: E402
 from stylize.models import load_stack  # noqa: E402
@@ -90,7 +91,7 @@ def looped_clip(src: Path, frames: int, folder: Path) -> Path:
     batches = [b for b in video.read_batches(info, 64)]
     clip = np.concatenate([b.frames for b in batches])
     step = info.nominal_ticks
-    with video.VideoWriter(dst, info, crf=10, preset="veryfast", audio=False) as w:
+    with VideoWriter(dst, info, crf=10, preset="veryfast", audio=False) as w:
         for start in range(0, frames, 64):
             idx = [i % len(clip) for i in range(start, min(frames, start + 64))]
             w.write(clip[idx], [i * step for i in range(start, start + len(idx))])
@@ -189,7 +190,7 @@ def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_fram
     warm_clip = video.probe(clip)
     warm_n = batch * 3
     warm_src = tmp / f"warm_{name}.mp4"
-    with video.VideoWriter(warm_src, warm_clip, crf=10, preset="ultrafast", audio=False) as w:
+    with VideoWriter(warm_src, warm_clip, crf=10, preset="ultrafast", audio=False) as w:
         b = next(iter(video.read_batches(clip, warm_n)))
         w.write(b.frames, b.pts)
     stylize_video(warm_src, tmp / f"warm_{name}_out.mp4", stylizer, enc)

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from . import video
+from .writer import VideoWriter
 from .config import EngineConfig, PipelineConfig
 
 
@@ -122,7 +123,7 @@ def stylize_video(
             on_progress(Progress(done, info.frames, now - first))
 
     threaded = hasattr(stylizer, "start_sink")  # the engine hands batches back as soon as they are done
-    with video.VideoWriter(dst, target, crf=out.crf, preset=out.preset, audio=out.audio) as writer:
+    with VideoWriter(dst, target, crf=out.crf, preset=out.preset, audio=out.audio) as writer:
         if threaded:
             stylizer.start_sink(emit)
         try:

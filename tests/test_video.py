@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from stylize.errors import InputError, OutputError
-from stylize.video import FrameBatch, VideoInfo, VideoWriter, probe, read_batches
+from stylize.video import FrameBatch, VideoInfo, probe, read_batches
+from stylize.writer import VideoWriter
 
 MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "media"
 FAST = {"preset": "ultrafast"}
