@@ -180,7 +180,7 @@ def outputs(stylizer, frames: np.ndarray) -> np.ndarray:
     return np.concatenate([b.frames for b in out])
 
 
-def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_frames, warm_only=False):
+def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_frames, warm_only=False, paced_ok=True):
     batch, ecfg, compile_, paced = ROWS[name]
     print(f"[{name}] building", flush=True)
     t = time.perf_counter()
@@ -228,7 +228,7 @@ def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_fram
     gflop = FLOPS_UNET_STEP + FLOPS_TE_256 * te_share + FLOPS_TAESD
     row["gflop_per_frame"] = round(gflop, 1)
     row["ceiling_share"] = round(gflop * 1e9 * stats.fps / (ceiling * 1e12), 3)
-    if paced:
+    if paced and paced_ok:
         paced_src = tmp / f"paced_{name}.mp4"
         if not paced_src.exists():
             looped = looped_clip(clip, paced_frames, tmp)
@@ -271,6 +271,7 @@ def main() -> None:
     ap.add_argument("--save-ref", type=Path, help="write the reference row's outputs here (.npy)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (tiny model)")
     ap.add_argument("--warm-only", action="store_true", help="compile and warm up each row, measure nothing")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over the rows, interleaved (paced runs in the first)")
     args = ap.parse_args()
 
     cuda = args.device == "cuda"
@@ -300,37 +301,53 @@ def main() -> None:
     }  # fmt: skip
     ref_out = np.load(args.ref_from) if args.ref_from else None
     compiled_out: dict[int, np.ndarray] = {}  # rows (f) change the output by design: compare with (d)
-    for name in args.rows.split(","):
-        batch = ROWS[name][0]
-        base = compiled_out.get(batch) if name.startswith("f") else ref_out
-        row, out = run_row(stack, name, clip, prompt, ceiling, parity, base, tmp, args.paced_frames, args.warm_only)
-        if args.warm_only:
+    names = args.rows.split(",")
+    for rnd in range(args.repeat):  # rounds interleave the rows: a machine's drift hits them alike
+        for name in names:
+            batch = ROWS[name][0]
+            base = compiled_out.get(batch) if name.startswith("f") else ref_out
+            row, out = run_row(stack, name, clip, prompt, ceiling, parity, base, tmp, args.paced_frames,
+                               args.warm_only, paced_ok=rnd == 0)  # fmt: skip
+            row["round"] = rnd
             result["rows"].append(row)
-            continue
-        if name.startswith("f"):
-            row["diff_against"] = f"d{batch}" if base is not None else None
-        if name.startswith("d"):
-            compiled_out[batch] = out
-        if name == args.ref:
-            ref_out = out
-            if args.save_ref:
-                np.save(args.save_ref, out)
-        result["rows"].append(row)
-        adapter_costs(result["rows"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))  # after every row: a killed run keeps its rows
+            if args.warm_only:
+                continue
+            if name.startswith("f"):
+                row["diff_against"] = f"d{batch}" if base is not None else None
+            if name.startswith("d"):
+                compiled_out[batch] = out
+            if name == args.ref and rnd == 0:
+                ref_out = out
+                if args.save_ref:
+                    np.save(args.save_ref, out)
+            adapter_costs(result["rows"])
+            result["median_fps"] = median_fps(result["rows"])
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))  # after every row: a killed run keeps its rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     if not args.warm_only:
         print_table(result)
 
 
+def median_fps(rows: list[dict]) -> dict:
+    """Per row name over the rounds: the median fps, and for adapter rows the median cost."""
+    out = {}
+    for name in dict.fromkeys(r["row"] for r in rows):
+        mine = [r for r in rows if r["row"] == name]
+        out[name] = {"fps": round(float(np.median([r["fps"] for r in mine])), 1), "rounds": len(mine)}
+        costs = [r["adapter_cost"] for r in mine if "adapter_cost" in r]
+        if costs:
+            out[name]["adapter_cost"] = round(float(np.median(costs)), 3)
+    return out
+
+
 def adapter_costs(rows: list[dict]) -> None:
-    """Each adapter row (e, ea) against the plain row (d) of its batch size from the same run:
-    the share of fps the adapter costs."""
+    """Each adapter row (e, ea) against the plain row (d) of its batch size from the same run and
+    round: the share of fps the adapter costs."""
     for r in rows:
         plain = "du" if r["row"].startswith("eu") else "d"  # the plain row with the same projections
-        d = next((p for p in rows if p["row"] == f"{plain}{r['batch']}"), None)
+        d = next((p for p in rows if p["row"] == f"{plain}{r['batch']}" and p["round"] == r["round"]), None)
         if r["row"].startswith("e") and d is not None:
             r["adapter_cost_vs"] = d["row"]
             r["adapter_cost"] = round(1 - r["fps"] / d["fps"], 3)
@@ -347,6 +364,9 @@ def print_table(result: dict) -> None:
             f"{r['peak_gpu_mem_gib']:>5} {100 * r['ceiling_share']:>6.1f} {r.get('max_abs_diff_vs_ref', ''):>7} "
             f"{r.get('adapter_cost', ''):>7}"
         )
+    if any(m["rounds"] > 1 for m in result.get("median_fps", {}).values()):
+        for name, m in result["median_fps"].items():
+            print(f"median over {m['rounds']} rounds: {name} {m['fps']} fps" + (f", adapter cost {m['adapter_cost']}" if "adapter_cost" in m else ""))
 
 
 if __name__ == "__main__":
