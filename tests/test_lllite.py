@@ -200,8 +200,15 @@ def test_loader_refuses_mismatched_or_missing(tiny_stack, tmp_path):
 
 
 def test_embedding_conditions_only_the_generated_half(tiny_stack):
-    lllite = TemporalLLLite(tiny_stack.unet, "down_blocks")
-    ad = next(iter(lllite.adapters.values()))
-    emb = ad.embed(torch.rand(1, 3, 64, 64) * 2 - 1)  # stride 8 → 8x8, padded to 8x16
-    grid = emb.transpose(1, 2).reshape(1, 32, 8, 16)
-    assert torch.all(grid[..., 8:] == 0) and grid[..., :8].abs().sum() > 0
+    """The U-Net's tokens are [generated | source] along the width: a refresh conditions the left
+    half only, the right half of every hook's share is mid's bias alone (a zero embedding)."""
+    unet = copy.deepcopy(tiny_stack.unet)
+    lllite = TemporalLLLite(unet, "down_blocks")
+    _randomise(lllite)
+    wrappers = lllite.attach(unet)
+    lllite.set_condition(torch.rand(1, 3, 64, 64))  # stride 8 → an 8x8 embedding, tokens 8x16
+    w = next(w for w in wrappers if w.adapters[0].stride == 8)
+    share = w.mid_share[..., :64].reshape(1, 8, 16, 64)  # its first hook's share, (B, h, 2w, 64)
+    bias = w.adapters[0].mid[0].bias
+    torch.testing.assert_close(share[:, :, 8:], bias.expand(1, 8, 8, 64))
+    assert not torch.allclose(share[:, :, :8], bias.expand(1, 8, 8, 64))

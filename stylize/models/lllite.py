@@ -86,31 +86,13 @@ class LLLiteModule(nn.Module):
         nn.init.zeros_(self.up[0].weight)
         nn.init.zeros_(self.up[0].bias)
 
-    def embed(self, cond_bchw: torch.Tensor) -> torch.Tensor:
-        """Conditioning images (B, 3, H, W) in [-1, 1] at the working resolution → the embedding
-        laid out like the block's tokens, (B, h·2w, 32) with (h, w) = (H, W) / stride, the right
-        (source) half of the width zero."""
-        emb = self.conditioning1(cond_bchw)  # (B, 32, h', w')
-        emb = F.pad(emb, (0, emb.shape[-1]))  # width-concat: zeros for the source half
-        return emb.flatten(2).transpose(1, 2)  # (B, h'·2w', 32), row-major like the tokens
-
-    def mid_share(self, emb: torch.Tensor) -> torch.Tensor:
-        """The embedding's part of `mid` plus its bias: W[:, :32]·emb + b, (B, N, 64)."""
-        w, b = self.mid[0].weight, self.mid[0].bias
-        return F.linear(emb, w[:, :COND_EMB], b)
-
-    def delta(self, x: torch.Tensor, mid_share: torch.Tensor) -> torch.Tensor:
-        """up(mid(cat(emb, down(x)))) with the embedding's share precomputed."""
-        h = self.down(x)
-        h = F.relu(mid_share + F.linear(h, self.mid[0].weight[:, COND_EMB:]))
-        return self.up(h)
-
 
 class LLLiteLinear(nn.Module):
     """A hooked Linear and the adapters on its input: the output rows `rows[i]` of the host see
     `x + multiplier·up_i(mid_i(cat(emb_i, down_i(x))))`. A host with one adapter is a plain hooked
     Linear; a fused `to_qkv` (optimize.fuse_qkv) carries the attn1 q, k and v hooks, which share
-    their input. Exact algebra makes it two GEMMs over the tokens instead of 1 + 3 per adapter:
+    their input. Exact algebra makes it three GEMMs over the tokens (down, mid, host), whatever the
+    number of adapters, instead of one per host plus three per adapter:
 
         h   = relu(share + W_mid·relu(W_down·x + b_down))    every adapter's down and mid at once
         out = [W | W·U]·[x ; m·h] + b + m·W·b_up              the host and every up in one GEMM
