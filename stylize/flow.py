@@ -70,7 +70,8 @@ def flow_pool(batch_size: int) -> ThreadPoolExecutor:
     import cv2
 
     cv2.setNumThreads(1)
-    workers = max(1, min(batch_size, (os.cpu_count() or 2) // 2))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    workers = max(1, min(batch_size, cores // 2))
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flow")
 
 
