@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 
 from . import video
-from .writer import VideoWriter
 from .config import EngineConfig, PipelineConfig
+from .writer import VideoWriter
 
 
 @dataclass(frozen=True)

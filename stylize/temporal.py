@@ -104,6 +104,10 @@ class TemporalConditioner:
         return self.flow_host
 
     def remember(self, last_out01: torch.Tensor, last_frame: np.ndarray, geo) -> None:
-        """Keep this batch's last output (1, 3, h, w) and input frame for the next refresh."""
+        """Keep this batch's last output (1, 3, h, w) and input frame when the next batch's
+        refresh is due by the period (a refresh after a cut uses its input frames): the grey
+        conversion runs on the feeding thread, so only where it is needed."""
+        if self.since_refresh + 1 < self.ecfg.adapter_refresh_every:
+            return
         self.prev_out = last_out01.clone()  # clone: CUDA-graph outputs are overwritten by the next replay
         self.prev_grey = grey(last_frame, geo.work_hw, geo.crop)
