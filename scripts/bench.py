@@ -51,6 +51,8 @@ ROWS = {
     **{f"d{b}": (b, EngineConfig(compile="on"), True, True) for b in (8, 16)},
     **{f"dn{b}": (b, EngineConfig(compile="on", side_stream=False), True, False) for b in (8, 16)},
     **{f"du{b}": (b, EngineConfig(compile="on", fuse_qkv=False), True, False) for b in (8, 16)},  # q, k, v apart
+    # side-stream steps (text encoder, TAESD encode) launched kernel by kernel, not as CUDA graphs
+    **{f"dg{b}": (b, EngineConfig(compile="on", side_graphs=False), True, False) for b in (8, 16)},
     **{f"fm{b}": (b, EngineConfig(compile="on", te_refresh_every=8), True, True) for b in (8, 16)},
     **{f"fo{b}": (b, EngineConfig(compile="on", te_batch_one=True), True, False) for b in (8, 16)},
     **{f"fs{b}": (b, EngineConfig(compile="on", static_prompt=True), True, False) for b in (8, 16)},
@@ -58,6 +60,10 @@ ROWS = {
     **{f"e{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8), True, True) for b in (8, 16)},
     **{
         f"eu{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, fuse_qkv=False), True, False)
+        for b in (8, 16)
+    },
+    **{
+        f"eg{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, side_graphs=False), True, False)
         for b in (8, 16)
     },
     **{
@@ -314,7 +320,7 @@ def main() -> None:
                 continue
             if name.startswith("f"):
                 row["diff_against"] = f"d{batch}" if base is not None else None
-            if name.startswith("d"):
+            if name == f"d{batch}":
                 compiled_out[batch] = out
             if name == args.ref and rnd == 0:
                 ref_out = out
@@ -346,7 +352,7 @@ def adapter_costs(rows: list[dict]) -> None:
     """Each adapter row (e, ea) against the plain row (d) of its batch size from the same run and
     round: the share of fps the adapter costs."""
     for r in rows:
-        plain = "du" if r["row"].startswith("eu") else "d"  # the plain row with the same projections
+        plain = {"eu": "du", "eg": "dg"}.get(r["row"][:2], "d")  # the plain row with the same engine options
         d = next((p for p in rows if p["row"] == f"{plain}{r['batch']}" and p["round"] == r["round"]), None)
         if r["row"].startswith("e") and d is not None:
             r["adapter_cost_vs"] = d["row"]

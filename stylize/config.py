@@ -98,7 +98,8 @@ class EngineConfig:
     fast_te: bool = True
     fuse_qkv: bool = True  # one projection GEMM per self-attention (optimize.fuse_qkv)
     compile: Literal["auto", "on", "off"] = "auto"
-    cuda_graphs: bool = True
+    cuda_graphs: bool = True  # compiled main-stream steps replay as CUDA graphs ("reduce-overhead")
+    side_graphs: bool = True  # compiled side-stream steps replay as CUDA graphs of their own (optimize.StreamGraph)
     te_refresh_every: int = 1
     te_batch_one: bool = False
     static_prompt: bool = False

@@ -118,7 +118,7 @@ class Engine:
         """Compile the steps (optimize.py); compiled graphs are cached across runs per geometry."""
         from .optimize import compile_steps
 
-        compile_steps(self.steps, self.ecfg.cuda_graphs, backend)
+        compile_steps(self.steps, self.ecfg.cuda_graphs, backend, self.ecfg.side_graphs)
 
     @property
     def compiled(self) -> bool:

@@ -6,8 +6,12 @@ or a recompile is an error in the tests rather than a silent slowdown.
 
 - U-Net and TAESD decode run on the main stream: CUDA graphs ("reduce-overhead") replay them
   with one launch each, which is what a launch-bound U-Net needs.
-- The text encoder and TAESD encode run on the side stream: compiled without CUDA graphs, because
-  CUDA-graph trees own their memory pool and replay per stream; fused kernels are most of the gain.
+- The text encoder and TAESD encode run on the side stream. CUDA-graph trees cannot take them
+  (one memory pool per device, laid out for one stream's order: a side-stream replay would reuse
+  memory the main stream's U-Net is still using), so they are compiled without CUDA graphs and
+  then captured by hand (`StreamGraph`): one graph per step and shape, each with its own memory
+  pool, replayed on the stream that calls it. Without this, the text encoder's ~1000 kernels are
+  launched one by one from the feeding thread and its time follows how busy the host is.
 
 Compile time is a user-facing cost (256 s for the U-Net alone on an H100). Inductor's on-disk
 caches live in ~/.cache/stylize/inductor (`config.use_persistent_compile_cache`, set by the CLI
@@ -23,9 +27,11 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_map
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ def should_compile(mode: str, device: torch.device, frames: int | None, warm: bo
     return frames >= (AUTO_MIN_FRAMES_WARM if warm else AUTO_MIN_FRAMES_COLD)
 
 
-def compile_steps(steps, cuda_graphs: bool = True, backend: str = "inductor") -> None:
+def compile_steps(steps, cuda_graphs: bool = True, backend: str = "inductor", side_graphs: bool = True) -> None:
     """Swap each of the engine's steps for its compiled version (in place)."""
     on_cuda = steps.stack.device.type == "cuda"
     main_mode = "reduce-overhead" if (on_cuda and cuda_graphs and backend == "inductor") else None
@@ -108,11 +114,70 @@ def compile_steps(steps, cuda_graphs: bool = True, backend: str = "inductor") ->
     def comp(fn, mode=None):
         return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
 
+    def side(fn):
+        return StreamGraph(comp(fn)) if (on_cuda and side_graphs) else comp(fn)
+
     steps.velocity = comp(steps.velocity, main_mode)
     steps.vae_decode = comp(steps.vae_decode, main_mode)
-    steps.vae_encode = comp(steps.vae_encode)
-    steps.text = comp(steps.text)
+    steps.vae_encode = side(steps.vae_encode)
+    steps.text = side(steps.text)
     steps.compiled = True
+
+
+class StreamGraph:
+    """`fn` (a compiled step: tensors and modules in, a tree of tensors out) replayed as a CUDA
+    graph on the stream that calls it, with a memory pool of its own.
+
+    Per call signature (input shapes, and each module argument's buffers, which a prompt change of
+    another length re-creates): the first call runs `fn` as it is (it compiles, and warms up
+    cuBLAS and the allocator); the second captures it on the current stream and replays; later
+    calls copy their inputs into the graph's static ones and replay. The outputs are cloned on the
+    calling stream, so a consumer on another stream never sees the next replay's writes. The few
+    most recent signatures keep their graphs (a folder of clips of two sizes does not recapture).
+    """
+
+    def __init__(self, fn, keep: int = 4):
+        self.fn, self.keep = fn, keep
+        self.graphs: OrderedDict = OrderedDict()  # signature -> (graph, static inputs, static outputs)
+        self.seen: set = set()
+        self.replays = 0
+
+    def __call__(self, *args):
+        key = tuple(_signature(a) for a in args)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self.fn(*args)
+            entry = self.graphs[key] = self._capture(args)
+            while len(self.graphs) > self.keep:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, args):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        self.replays += 1
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
+
+    def _capture(self, args):
+        stream = torch.cuda.current_stream()
+        static_in = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the collector and writer threads may touch CUDA while this thread captures
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            static_out = self.fn(*static_in)
+        log.debug("captured a side-stream CUDA graph for %s", [_signature(a) for a in args])
+        return graph, static_in, static_out
+
+
+def _signature(arg):
+    if isinstance(arg, torch.Tensor):
+        return ("tensor", tuple(arg.shape), tuple(arg.stride()), arg.dtype, arg.device)
+    if isinstance(arg, torch.nn.Module):  # its buffers' addresses are baked into the graph
+        return ("module", id(arg), tuple((b.data_ptr(), tuple(b.shape)) for b in arg.buffers()))
+    return ("value", arg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -343,3 +343,21 @@ def test_flows_run_beside_the_feeding_thread(tiny_stack, monkeypatch):
     engine.temporal.apply(prepared, torch.rand(2, 3, *geo.work_hw))
     assert engine.temporal.flow_ms[-1] >= 300 and engine.temporal.flow_wait_ms[-1] <= engine.temporal.flow_ms[-1]
     engine.close()
+
+
+def test_stream_graph_signature_follows_shapes_and_buffer_addresses():
+    """What decides whether a side-stream CUDA graph can replay (optimize.StreamGraph): input
+    shapes, and the addresses of a module argument's buffers (copied in place: same graph;
+    re-created for a prompt of another length: a new capture). Replay itself is a GPU test."""
+    from stylize.optimize import _signature
+
+    m = torch.nn.Module()
+    m.register_buffer("w", torch.zeros(4))
+    x = torch.zeros(4, 4)
+    before = (_signature(m), _signature(x))
+    m.w.copy_(torch.ones(4))
+    assert (_signature(m), _signature(torch.ones(4, 4))) == before
+    assert _signature(torch.zeros(3, 4)) != before[1]
+    assert _signature(x.t()) != before[1]  # same shape, other strides
+    m.register_buffer("w", torch.zeros(4))
+    assert _signature(m) != before[0]
