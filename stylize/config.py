@@ -98,6 +98,10 @@ class EngineConfig:
     fast_te: bool = True
     fuse_qkv: bool = True  # one projection GEMM per self-attention (optimize.fuse_qkv)
     compile: Literal["auto", "on", "off"] = "auto"
+    # batches issued to the GPU and not yet handed back: 2 is the fewest that keep it busy (the
+    # next batch's side-stream work runs beside this one's U-Net); each more adds a batch period
+    # to every frame's latency
+    in_flight: int = 2
     cuda_graphs: bool = True  # compiled main-stream steps replay as CUDA graphs ("reduce-overhead")
     side_graphs: bool = True  # compiled side-stream steps replay as CUDA graphs of their own (optimize.StreamGraph)
     te_refresh_every: int = 1
@@ -116,6 +120,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.te_refresh_every < 1:
             raise UsageError(f"te_refresh_every must be at least 1, not {self.te_refresh_every}")
+        if self.in_flight < 1:
+            raise UsageError(f"in_flight must be at least 1, not {self.in_flight}")
         if self.adapter_refresh_every < 1:
             raise UsageError(f"the adapter refresh period must be at least 1, not {self.adapter_refresh_every}")
 

@@ -224,11 +224,15 @@ class Engine:
         self.fed += 1
         if self.sink is not None:
             self._raise_sink_error()
-            self.handoff.put(pending)  # blocks while two batches are still on the GPU (backpressure)
+            with self.handed_back:
+                self.in_flight += 1
+            self.handoff.put(pending)
+            with self.handed_back:  # backpressure: the next batch is taken from the decoder only now
+                self.handed_back.wait_for(lambda: self.in_flight < self.ecfg.in_flight)
             ready = []
         else:
             self.pending.append(pending)
-            ready = self._collect(keep=0 if warm_up else 1)
+            ready = self._collect(keep=0 if warm_up else self.ecfg.in_flight - 1)
         if warm_up:
             from . import optimize
 
@@ -254,7 +258,9 @@ class Engine:
         thread as soon as its GPU work is done: no waiting for the next `feed`, which a live source
         would feel as a whole batch of extra latency. `feed` and `flush` then return []."""
         self.sink, self.sink_error = sink, None
-        self.handoff: queue.Queue = queue.Queue(maxsize=2)
+        self.handoff: queue.Queue = queue.Queue()  # bounded by `in_flight`
+        self.in_flight = 0  # batches issued and not yet handed to the sink
+        self.handed_back = threading.Condition()
         self.collector = threading.Thread(target=self._collect_loop, name="engine-collector", daemon=True)
         self.collector.start()
 
@@ -276,6 +282,9 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - re-raised on the feeding thread
                 self.sink_error = e
             finally:
+                with self.handed_back:
+                    self.in_flight -= 1
+                    self.handed_back.notify()
                 self.handoff.task_done()
         self.handoff.task_done()
 

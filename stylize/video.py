@@ -232,36 +232,39 @@ def _video_frames(info: VideoInfo, stop: threading.Event) -> Iterator[tuple[np.n
             raise InputError(f"{info.path}: decoding failed after pts {previous} ({exc})") from exc
 
 
-def _produce(info: VideoInfo, batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
-    """Decode-thread body: puts FrameBatch items, then None, or the exception that ended it."""
+def _produce(info: VideoInfo, batch_size: int, out: queue.Queue, room: threading.Semaphore,
+             stop: threading.Event) -> None:
+    """Decode-thread body: puts FrameBatch items, then None, or the exception that ended it.
+    A batch is decoded only once there is room for it (`room`, released by the consumer as it
+    takes one), not decoded and then held: a frame's latency starts when it is decoded, and a
+    batch held back would add a whole batch period to it."""
 
-    def put(item) -> bool:
+    def wait_for_room() -> bool:
         while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
+            if room.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                pass
         return False
 
     shape = (batch_size, info.display_height, info.display_width, 3)
     batch = FrameBatch(np.empty(shape, np.uint8), [], [])
     try:
+        if not wait_for_room():
+            return
         for image, stamp in _video_frames(info, stop):
             batch.frames[len(batch.pts)] = image
             batch.pts.append(stamp)
             batch.decoded_at.append(time.perf_counter())
             if len(batch.pts) == batch_size:
-                if not put(batch):
+                out.put(batch)
+                if not wait_for_room():
                     return
                 batch = FrameBatch(np.empty(shape, np.uint8), [], [])
         if batch.pts:
             batch.frames = batch.frames[:len(batch.pts)]
-            if not put(batch):
-                return
-        put(None)
+            out.put(batch)
+        out.put(None)
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-        put(exc)
+        out.put(exc)
 
 
 def read_batches(path_or_info: str | os.PathLike | VideoInfo, batch_size: int,
@@ -297,21 +300,18 @@ def _paced(batches: Iterator[FrameBatch], time_base: Fraction) -> Iterator[Frame
 
 
 def _consume(info: VideoInfo, batch_size: int) -> Iterator[FrameBatch]:
-    out: queue.Queue = queue.Queue(maxsize=DECODE_AHEAD)
+    out: queue.Queue = queue.Queue()  # bounded by `room`: DECODE_AHEAD batches, then None or an error
+    room = threading.Semaphore(DECODE_AHEAD)
     stop = threading.Event()
-    worker = threading.Thread(target=_produce, args=(info, batch_size, out, stop),
+    worker = threading.Thread(target=_produce, args=(info, batch_size, out, room, stop),
                               name=f"decode:{info.path.name}", daemon=True)
     worker.start()
     try:
         while (item := out.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
+            room.release()  # taken: the decoder may start the next batch
             yield item
     finally:
-        stop.set()
-        while worker.is_alive():  # drain so a blocked put() sees the stop flag
-            try:
-                out.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        stop.set()  # the decoder notices within 0.1 s, between frames or while waiting for room
         worker.join()

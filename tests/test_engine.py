@@ -4,6 +4,8 @@ and its compiled graphs (no graph breaks, no recompiles)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -192,6 +194,46 @@ def test_stylize_video_through_the_engine_sink(tiny_stack, tmp_path):
     a = np.concatenate([b.frames for b in video.read_batches(tmp_path / "engine.mp4", 16)])
     b = np.concatenate([b.frames for b in video.read_batches(tmp_path / "ref.mp4", 16)])
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_feed_waits_while_in_flight_batches_are_not_handed_back(tiny_stack, in_flight):
+    """Backpressure with a sink: `feed` returns (and the next batch is taken from the decoder)
+    only while fewer than `in_flight` batches are issued and not yet handed back; each one more
+    would add a batch period to every frame's latency."""
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    engine = Engine(tiny_stack, cfg, EngineConfig(in_flight=in_flight))
+    release, got = threading.Semaphore(0), []
+
+    def slow_sink(batch):  # hands a batch back only when the test releases it
+        release.acquire()
+        got.append(batch.pts)
+
+    engine.start_sink(slow_sink)
+    frames = _clip(2 * (in_flight + 1))
+    returned = []
+
+    def feeder():
+        for s in range(0, len(frames), 2):
+            engine.feed(FrameBatch(frames[s : s + 2], [s, s + 1], [0.0, 0.0]))
+            returned.append(s // 2)
+
+    thread = threading.Thread(target=feeder, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        # batches 0 .. in_flight-1 are issued; feed of the last of them waits for batch 0's hand-off
+        assert returned == list(range(in_flight - 1))
+        release.release()
+        time.sleep(1.0)
+        assert returned == list(range(in_flight))
+    finally:
+        for _ in range(in_flight + 1):
+            release.release()
+        thread.join(10)
+        engine.flush()
+        engine.stop_sink()
+    assert returned == list(range(in_flight + 1)) and len(got) == in_flight + 1
 
 
 def test_sink_errors_reach_the_caller(tiny_stack):

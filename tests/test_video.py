@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -238,6 +239,22 @@ def test_batches_shapes_and_partial_last_batch(tmp_path):
         assert [p for b in batches for p in b.pts] == [i * 40 for i in range(23)]
     with pytest.raises(ValueError):
         read_batches(clip, 0)
+
+
+def test_decoder_starts_a_batch_only_when_there_is_room(tmp_path):
+    """One batch ready ahead of a slow consumer, and no more: the next batch is decoded after the
+    consumer takes the previous one, not decoded early and held (which would add a whole batch
+    period to every frame's latency)."""
+    clip = make_clip(tmp_path / "a.mp4", pts=[i * 40 for i in range(16)])
+    taken = []
+    batches = []
+    for batch in read_batches(clip, 4):
+        taken.append(time.perf_counter())
+        batches.append(batch)
+        time.sleep(0.3)  # a slow consumer: the decoder fills the one ready slot, then waits
+    # batch k+2 was started only after batch k+1 was taken (batch k+1 waited in the slot)
+    for k in range(len(batches) - 2):
+        assert batches[k + 2].decoded_at[0] >= taken[k + 1], k
 
 
 def open_files(path: Path) -> list[str]:
