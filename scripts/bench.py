@@ -51,9 +51,9 @@ ROWS = {
     **{f"d{b}": (b, EngineConfig(compile="on"), True, True) for b in (8, 16)},
     **{f"dn{b}": (b, EngineConfig(compile="on", side_stream=False), True, False) for b in (8, 16)},
     **{f"du{b}": (b, EngineConfig(compile="on", fuse_qkv=False), True, False) for b in (8, 16)},  # q, k, v apart
-    # three batches in flight instead of two (EngineConfig.in_flight): latency against throughput
-    **{f"dq{b}": (b, EngineConfig(compile="on", in_flight=3), True, False) for b in (8, 16)},
-    **{f"eq{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, in_flight=3), True, False) for b in (8, 16)},
+    # two batches in flight instead of three (EngineConfig.in_flight): a batch period less latency
+    **{f"dl{b}": (b, EngineConfig(compile="on", in_flight=2), True, False) for b in (8, 16)},
+    **{f"el{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, in_flight=2), True, False) for b in (8, 16)},
     # side-stream steps (text encoder, TAESD encode) launched kernel by kernel, not as CUDA graphs
     **{f"dg{b}": (b, EngineConfig(compile="on", side_graphs=False), True, False) for b in (8, 16)},
     **{f"fm{b}": (b, EngineConfig(compile="on", te_refresh_every=8), True, True) for b in (8, 16)},
@@ -355,7 +355,7 @@ def adapter_costs(rows: list[dict]) -> None:
     """Each adapter row (e, ea) against the plain row (d) of its batch size from the same run and
     round: the share of fps the adapter costs."""
     for r in rows:
-        plain = {"eu": "du", "eg": "dg", "eq": "dq"}.get(r["row"][:2], "d")  # the plain row with the same engine options
+        plain = {"eu": "du", "eg": "dg", "el": "dl"}.get(r["row"][:2], "d")  # the plain row with the same engine options
         d = next((p for p in rows if p["row"] == f"{plain}{r['batch']}" and p["round"] == r["round"]), None)
         if r["row"].startswith("e") and d is not None:
             r["adapter_cost_vs"] = d["row"]

@@ -98,10 +98,11 @@ class EngineConfig:
     fast_te: bool = True
     fuse_qkv: bool = True  # one projection GEMM per self-attention (optimize.fuse_qkv)
     compile: Literal["auto", "on", "off"] = "auto"
-    # batches issued to the GPU and not yet handed back: 2 is the fewest that keep it busy (the
-    # next batch's side-stream work runs beside this one's U-Net); each more adds a batch period
-    # to every frame's latency
-    in_flight: int = 2
+    # batches issued to the GPU and not yet handed back. Each one adds a batch period to every
+    # frame's latency; 3 keeps the GPU busy: with 2, the next batch's side-stream work (text
+    # encoder + TAESD encode, ~31 ms at B=8 on an H100) starts as the U-Net's current batch (~40 ms)
+    # does and only just finishes in time (benchmarks/NOTES.md item 15)
+    in_flight: int = 3
     cuda_graphs: bool = True  # compiled main-stream steps replay as CUDA graphs ("reduce-overhead")
     side_graphs: bool = True  # compiled side-stream steps replay as CUDA graphs of their own (optimize.StreamGraph)
     te_refresh_every: int = 1
