@@ -58,6 +58,10 @@ ROWS = {
     **{f"dg{b}": (b, EngineConfig(compile="on", side_graphs=False), True, False) for b in (8, 16)},
     **{f"fm{b}": (b, EngineConfig(compile="on", te_refresh_every=8), True, True) for b in (8, 16)},
     **{f"fo{b}": (b, EngineConfig(compile="on", te_batch_one=True), True, False) for b in (8, 16)},
+    **{  # TE reuse (M=8) with the champion adapter
+        f"fe{b}": (b, EngineConfig(compile="on", te_refresh_every=8, adapter="random", adapter_refresh_every=8), True, False)
+        for b in (8, 16)
+    },
     **{f"fs{b}": (b, EngineConfig(compile="on", static_prompt=True), True, False) for b in (8, 16)},
     # (e) the temporal adapter (random weights: speed only): the paper's champion, and all hooks N=1
     **{f"e{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8), True, True) for b in (8, 16)},
@@ -355,9 +359,9 @@ def adapter_costs(rows: list[dict]) -> None:
     """Each adapter row (e, ea) against the plain row (d) of its batch size from the same run and
     round: the share of fps the adapter costs."""
     for r in rows:
-        plain = {"eu": "du", "eg": "dg", "el": "dl"}.get(r["row"][:2], "d")  # the plain row with the same engine options
+        plain = {"eu": "du", "eg": "dg", "el": "dl", "fe": "fm"}.get(r["row"][:2], "d")  # same engine options
         d = next((p for p in rows if p["row"] == f"{plain}{r['batch']}" and p["round"] == r["round"]), None)
-        if r["row"].startswith("e") and d is not None:
+        if r["row"].startswith(("e", "fe")) and d is not None:
             r["adapter_cost_vs"] = d["row"]
             r["adapter_cost"] = round(1 - r["fps"] / d["fps"], 3)
 
