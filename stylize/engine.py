@@ -16,6 +16,11 @@ Batch n goes through two CUDA streams:
 batch n once its `done` event has fired: the only wait on the host, on work issued a call earlier.
 No device-wide synchronize, no `.item()`/`.tolist()`/`.cpu()` in the loop. On the CPU the same
 code runs with no streams (the tests check it against the reference path).
+
+With a sink (`start_sink`, the CLI's path) a collector thread hands batches back as their `done`
+events fire, and `feed` returns only while fewer than `EngineConfig.in_flight` batches are issued
+and not handed back: the next batch is taken from the decoder no earlier than the GPU can start
+on it, since every batch held anywhere adds a batch period to each frame's latency.
 """
 
 from __future__ import annotations
