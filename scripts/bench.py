@@ -73,6 +73,10 @@ ROWS = {
         f"eg{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, side_graphs=False), True, False)
         for b in (8, 16)
     },
+    **{  # e with DIS's "fast" preset (the default is "ultrafast": flow.py)
+        f"ef{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, flow="dis-fast"), True, False)
+        for b in (8, 16)
+    },
     **{
         f"ea{b}": (b, EngineConfig(compile="on", adapter="random", adapter_hooks="all", adapter_refresh_every=1), True, False)
         for b in (8, 16)

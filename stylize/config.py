@@ -116,7 +116,7 @@ class EngineConfig:
     adapter_hooks: str = "down_blocks"  # "down_blocks", "all", or comma-separated block prefixes
     adapter_refresh_every: int = 8
     adapter_multiplier: float = 1.0
-    flow: Literal["dis", "farneback"] = "dis"  # optical flow for the adapter's warp
+    flow: Literal["dis", "dis-fast", "farneback"] = "dis"  # optical flow for the adapter's warp (flow.py)
 
     def __post_init__(self) -> None:
         if self.te_refresh_every < 1:

@@ -1,11 +1,14 @@
 """Dense optical flow on CPU threads and the backward warp on the GPU, for the temporal adapter's
 conditioning image (DESIGN §4): the previous batch's last stylized frame, warped to each frame.
 
-Flow between grey working-resolution input frames is OpenCV's DIS (preset "fast") by default:
-on parkour at 512² it took 4.7 ms a frame against Farneback's 49 ms (one core), with a lower warp
-error (4.25 against 4.42 on the 0-255 scale; benchmarks/NOTES.md). Farneback with the reference
-runtime's parameters (pyramid 0.5, 3 levels, window 15, 3 iterations, poly_n 5, sigma 1.2) is
-kept as `method="farneback"`.
+Flow between grey working-resolution input frames is OpenCV's DIS by default: on parkour at 512²
+its "fast" preset took 4.7 ms a frame against Farneback's 49 ms (one core), with a lower warp
+error (4.25 against 4.42 on the 0-255 scale; benchmarks/NOTES.md). We use its "ultrafast" preset:
+over the ten DAVIS clips, for the 1-8 frame gaps a refresh spans (512², one core), it took 2.97 ms
+a frame against 5.14 for "fast", at the same warp error (16.01 against 16.03; no flow: 31.91;
+`scripts/flow_quality.py`, NOTES item 17); "fast" is kept as `method="dis-fast"`. Farneback with the reference runtime's parameters
+(pyramid 0.5, 3 levels, window 15, 3 iterations, poly_n 5, sigma 1.2) is kept as
+`method="farneback"`.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ def flow_to_previous(current: np.ndarray, previous: np.ndarray, method: str = "d
 
     if method == "farneback":
         return cv2.calcOpticalFlowFarneback(current, previous, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-    if not hasattr(_local, "dis"):
-        _local.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
-    return _local.dis.calc(current, previous, None)
+    preset = {"dis": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "dis-fast": cv2.DISOPTICAL_FLOW_PRESET_FAST}[method]
+    engines = _local.__dict__.setdefault("dis", {})
+    if method not in engines:
+        engines[method] = cv2.DISOpticalFlow_create(preset)
+    return engines[method].calc(current, previous, None)
 
 
 def start_flows(pool: ThreadPoolExecutor, frames, previous: np.ndarray, out: np.ndarray, crop=None, method: str = "dis") -> list[Future]:

@@ -332,7 +332,7 @@ def test_compiled_engine_with_adapter_no_recompiles(tiny_stack):
     dynamo.reset()
 
 
-@pytest.mark.parametrize("method", ["dis", "farneback"])
+@pytest.mark.parametrize("method", ["dis", "dis-fast", "farneback"])
 def test_warp_follows_the_flow(method):
     from stylize.flow import flow_to_previous, warp
 
