@@ -6,9 +6,9 @@ its "fast" preset took 4.7 ms a frame against Farneback's 49 ms (one core), with
 error (4.25 against 4.42 on the 0-255 scale; benchmarks/NOTES.md). We use its "ultrafast" preset:
 over the ten DAVIS clips, for the 1-8 frame gaps a refresh spans (512², one core), it took 2.97 ms
 a frame against 5.14 for "fast", at the same warp error (16.01 against 16.03; no flow: 31.91;
-`scripts/flow_quality.py`, NOTES item 17); "fast" is kept as `method="dis-fast"`. Farneback with the reference runtime's parameters
-(pyramid 0.5, 3 levels, window 15, 3 iterations, poly_n 5, sigma 1.2) is kept as
-`method="farneback"`.
+`scripts/flow_quality.py`, NOTES item 17); "fast" is kept as `method="dis-fast"`. Farneback with
+the reference runtime's parameters (pyramid 0.5, 3 levels, window 15, 3 iterations, poly_n 5,
+sigma 1.2) is kept as `method="farneback"`.
 """
 
 from __future__ import annotations
