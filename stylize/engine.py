@@ -230,10 +230,10 @@ class Engine:
         if self.sink is not None:
             self._raise_sink_error()
             with self.handed_back:
-                self.in_flight += 1
+                self.unreturned += 1
             self.handoff.put(pending)
             with self.handed_back:  # backpressure: the next batch is taken from the decoder only now
-                self.handed_back.wait_for(lambda: self.in_flight < self.ecfg.in_flight)
+                self.handed_back.wait_for(lambda: self.unreturned < self.ecfg.in_flight)
             ready = []
         else:
             self.pending.append(pending)
@@ -264,7 +264,7 @@ class Engine:
         would feel as a whole batch of extra latency. `feed` and `flush` then return []."""
         self.sink, self.sink_error = sink, None
         self.handoff: queue.Queue = queue.Queue()  # bounded by `in_flight`
-        self.in_flight = 0  # batches issued and not yet handed to the sink
+        self.unreturned = 0  # batches issued and not yet handed to the sink (at most ecfg.in_flight)
         self.handed_back = threading.Condition()
         self.collector = threading.Thread(target=self._collect_loop, name="engine-collector", daemon=True)
         self.collector.start()
@@ -288,7 +288,7 @@ class Engine:
                 self.sink_error = e
             finally:
                 with self.handed_back:
-                    self.in_flight -= 1
+                    self.unreturned -= 1
                     self.handed_back.notify()
                 self.handoff.task_done()
         self.handoff.task_done()
