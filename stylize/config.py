@@ -1,4 +1,5 @@
-"""Typed configuration: frozen dataclasses filled from YAML presets in configs/, then from flags.
+"""Typed configuration: frozen dataclasses filled from the YAML presets shipped in the package
+(stylize/presets/models/*.yaml, stylize/presets/styles/*.yaml), then from flags.
 
 Library code only ever sees these objects, never typer or argparse.
 """
@@ -9,12 +10,15 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UsageError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 
 HiddenStates = Literal["pre_norm", "post_norm"]
 ModelKind = Literal["pretrained", "random", "tiny"]
@@ -52,6 +56,9 @@ class StyleConfig:
     name: str
     prompt: str
     description: str = ""
+    # the stylizer that teaches `mini` this style (stylize/train/teachers.py), e.g.
+    # {"kind": "multistyle26", "index": 14}; None for a style no teacher renders
+    teacher: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,17 +139,21 @@ class EngineConfig:
         return hooks if hooks in ("all", "down_blocks") else [h.strip() for h in hooks.split(",") if h.strip()]
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _preset(kind: str, name: str) -> Traversable:
+    """The preset file `name` of `kind` ("models" or "styles"), shipped as package data."""
+    return resources.files("stylize") / "presets" / kind / f"{name}.yaml"
+
+
+def _load_yaml(path: Traversable) -> dict[str, Any]:
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping at the top level")
     return data
 
 
-def _from_dict(cls, data: dict[str, Any], where: Path):
+def _from_dict(cls, data: dict[str, Any], where: Traversable):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -151,13 +162,14 @@ def _from_dict(cls, data: dict[str, Any], where: Path):
 
 
 def list_presets(kind: str) -> list[str]:
-    """Names of the presets under configs/<kind>/ (kind: "models" or "styles")."""
-    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+    """Names of the presets shipped under stylize/presets/<kind>/ (kind: "models" or "styles")."""
+    folder = resources.files("stylize") / "presets" / kind
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def model_config(name_or_dir: str, **overrides: Any) -> ModelConfig:
     """A model preset by name, or a local folder of real weights (taken as kind "pretrained")."""
-    path = CONFIG_DIR / "models" / f"{name_or_dir}.yaml"
+    path = _preset("models", name_or_dir)
     if path.is_file():
         cfg = _from_dict(ModelConfig, {"name": name_or_dir, **_load_yaml(path)}, path)
     elif Path(name_or_dir).expanduser().is_dir():
@@ -172,7 +184,7 @@ def model_config(name_or_dir: str, **overrides: Any) -> ModelConfig:
 
 
 def style_config(name: str) -> StyleConfig:
-    path = CONFIG_DIR / "styles" / f"{name}.yaml"
+    path = _preset("styles", name)
     if not path.is_file():
         raise UsageError(f"unknown style '{name}': choose one of {', '.join(list_presets('styles'))} or give --prompt")
     return _from_dict(StyleConfig, {"name": name, **_load_yaml(path)}, path)

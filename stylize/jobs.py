@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-
-VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".wmv", ".flv", ".gif"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from .formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 
 @dataclass(frozen=True)

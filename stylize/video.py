@@ -30,10 +30,10 @@ from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 from PIL import Image, ImageOps
 
 from stylize.errors import InputError, UsageError
+from stylize.formats import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DECODE_AHEAD = 1  # decoded batches kept ready for the consumer: more only adds latency
 # AVColorSpace tag of a decoded frame -> swscale matrix.
 _MATRIX = {1: Colorspace.ITU709, 4: Colorspace.FCC, 5: Colorspace.ITU601, 6: Colorspace.ITU601,
