@@ -77,6 +77,21 @@ def test_numbered_image_folder_is_one_clip(tmp_path):
     assert info.duration == pytest.approx(0.5, abs=0.09)
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".tiff", ".bmp", ".webp"])
+def test_every_image_suffix_the_planner_takes_is_read(tmp_path, suffix):
+    """jobs.py and video.py share one list of image suffixes: a folder of .tif frames is one clip
+    (it used to be planned as a clip, then read as 'no images')."""
+    from PIL import Image
+
+    seq = tmp_path / "frames"
+    seq.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 56, 3), i * 60, np.uint8)).save(seq / f"{i:03d}{suffix}")
+    r = invoke(seq, "--style", "oil", *FAST)
+    assert r.exit_code == 0, r.output
+    assert video.probe(tmp_path / "frames_oil.mp4").frames == 3
+
+
 def test_existing_output_is_skipped_then_replaced_with_yes(clip):
     out = clip.with_name("clip_oil.mp4")
     out.write_bytes(b"keep me")
