@@ -72,19 +72,21 @@ def resize(frames_thwc: np.ndarray, hw: tuple[int, int], what: str) -> np.ndarra
     return np.stack([cv2.resize(f, (hw[1], hw[0]), interpolation=cv2.INTER_AREA) for f in frames_thwc])
 
 
-def read_frames(path: Path, limit: int | None) -> np.ndarray:
-    """The first `limit` frames (all when None) of a clip, (T, H, W, 3) uint8 RGB."""
+def read_frames(path: Path, limit: int | None, hw: tuple[int, int] | None = None, size: int = 512) -> np.ndarray:
+    """The first `limit` frames (all when None) of a clip, (T, h, w, 3) uint8 RGB, resized batch by
+    batch (bounded memory) to `hw`, or when None to the long side `size`."""
     out, n = [], 0
     batches = video.read_batches(path, 16)
     try:
         for batch in batches:
-            out.append(batch.frames)
-            n += len(batch.frames)
+            hw = hw or eval_hw(*batch.frames.shape[1:3], size)
+            out.append(resize(batch.frames[: None if limit is None else limit - n], hw, str(path)))
+            n += len(out[-1])
             if limit is not None and n >= limit:
                 break
     finally:
         batches.close()
-    return np.concatenate(out)[:limit]
+    return np.concatenate(out)
 
 
 def run_teacher(teacher, frames: np.ndarray, chunk: int = 16) -> np.ndarray:
@@ -94,14 +96,15 @@ def run_teacher(teacher, frames: np.ndarray, chunk: int = 16) -> np.ndarray:
     return out
 
 
-def run_model(stylizer, clip: Path, limit: int | None) -> np.ndarray:
-    """stylize's frames for the clip in process (no video encoding between), (T, H, W, 3) uint8."""
+def run_model(stylizer, clip: Path, limit: int, hw: tuple[int, int]) -> np.ndarray:
+    """stylize's first `limit` frames of the clip in process (no video encoding between),
+    resized to `hw`: (T, h, w, 3) uint8 RGB."""
     stylizer.reset()
     out, fed = [], 0
     batches = video.read_batches(video.probe(clip), stylizer.cfg.batch_size)
     try:
         for batch in batches:
-            if limit is not None and fed + len(batch.frames) > limit:
+            if fed + len(batch.frames) > limit:
                 k = limit - fed
                 batch = dataclasses.replace(
                     batch, frames=batch.frames[:k], pts=batch.pts[:k], decoded_at=batch.decoded_at[:k]
@@ -109,12 +112,12 @@ def run_model(stylizer, clip: Path, limit: int | None) -> np.ndarray:
             if len(batch.frames):
                 fed += len(batch.frames)
                 out += [b.frames for b in stylizer.feed(batch)]
-            if limit is not None and fed >= limit:
+            if fed >= limit:
                 break
     finally:
         batches.close()
     out += [b.frames for b in stylizer.flush()]
-    return np.concatenate(out)
+    return np.concatenate([resize(f, hw, str(clip)) for f in out])
 
 
 class Sources:
@@ -125,25 +128,33 @@ class Sources:
 
     def teacher(self, style: str):
         if style not in self.teachers:
-            if self.args.teacher == "identity":  # tests and smoke runs: the input stands in for a teacher
+            given = self.args.teacher
+            if given == "identity":  # tests and smoke runs: the input stands in for a teacher
                 self.teachers[style] = lambda frames: frames
-            else:
+            elif given == "preset":
                 from stylize.train.teachers import teacher_for_style
 
-                self.teachers[style] = teacher_for_style(style)
+                self.teachers[style] = teacher_for_style(style, self.args.device)
+            else:  # a teacher spec of its own, to try one before it goes into a preset
+                from stylize.train.teachers import load_teacher
+
+                self.teachers[style] = load_teacher(json.loads(given), self.args.device)
         return self.teachers[style]
 
     def stylizer(self, preset: str, style: str):
         from stylize.config import PipelineConfig, model_config, style_config
         from stylize.models import load_stack
-        from stylize.pipeline import make_stylizer
+        try:
+            from stylize.pipeline import build_stylizer
+        except ImportError:  # its name before the pipeline's rework
+            from stylize.pipeline import make_stylizer as build_stylizer
 
         if preset not in self.stacks:
             self.stacks[preset] = load_stack(model_config(preset), self.args.device)
         if (preset, style) not in self.stylizers:
             prompt, args = style_config(style).prompt, self.args
             cfg = PipelineConfig(prompt=prompt, size=args.size, batch_size=args.batch_size)
-            self.stylizers[preset, style] = make_stylizer(self.stacks[preset], cfg)
+            self.stylizers[preset, style] = build_stylizer(self.stacks[preset], cfg)
         return self.stylizers[preset, style]
 
 
@@ -153,21 +164,23 @@ def parse_candidate(spec: str) -> tuple[str, str]:
     return (name, rest) if sep and name and "/" not in name else (spec, spec)
 
 
-def candidate_frames(spec, clip, style, frames, teacher_frames, sources, limit) -> np.ndarray:
+def candidate_frames(spec: str, clip: Path, style: str, frames: np.ndarray, teacher_frames: np.ndarray,
+                     sources: Sources) -> np.ndarray:  # fmt: skip
+    """A candidate's frames for the clip's (T, h, w, 3) uint8 `frames` at the evaluation size."""
     if spec == "input":
         return frames
     if spec == "teacher":
         return teacher_frames
     hw = frames.shape[1:3]
     if spec.startswith("model:"):
-        return resize(run_model(sources.stylizer(spec[6:], style), clip, limit), hw, spec)
+        return run_model(sources.stylizer(spec[6:], style), clip, len(frames), hw)
     path = Path(spec.format(clip=clip_name(clip), style=style))
     if not path.exists():
         sys.exit(f"eval.py: candidate {path}: no such file (from '{spec}')")
-    got = read_frames(path, len(frames))
+    got = read_frames(path, len(frames), hw)
     if len(got) < len(frames):
         sys.exit(f"eval.py: candidate {path} has {len(got)} frames, the clip {len(frames)}")
-    return resize(got, hw, str(path))
+    return got
 
 
 def styles_of(given: list[str], identity: bool) -> list[str]:
@@ -237,9 +250,10 @@ def parse_args() -> argparse.Namespace:
                     help="teacher | input | model:PRESET | FILE or pattern with {clip}, {style}; NAME=SPEC names it")
     ap.add_argument("--size", type=int, default=512, help="long side of the evaluation size (default 512)")
     ap.add_argument("--frames", type=int, default=None, help="at most N frames per clip (default all)")
-    ap.add_argument("--teacher", choices=["preset", "identity"], default="preset",
-                    help="preset: the style's teacher (stylize.train.teachers); identity: the input itself (tests)")
-    ap.add_argument("--device", default="cpu", help="where model: candidates run (cpu, cuda)")
+    ap.add_argument("--teacher", default="preset",
+                    help="preset: the style's teacher (stylize.train.teachers); identity: the input itself (tests); "
+                         'or a teacher spec in JSON, e.g. \'{"kind": "multistyle26", "index": 14}\'')
+    ap.add_argument("--device", default="cpu", help="where model: candidates and neural teachers run (cpu, cuda)")
     ap.add_argument("--batch-size", type=int, default=8, help="batch size of model: candidates")
     ap.add_argument("--json", type=Path, help="write the records, the summary and how they were made")
     ap.add_argument("--table", type=Path, help="write a markdown table (median over clips, then per clip)")
@@ -252,8 +266,7 @@ def evaluate_clip(clip: Path, styles: list[str], candidates: list[tuple[str, str
                   args, pairs: int) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """(records, timings) of one clip over every style and candidate; writes its sheets."""
     started = time.perf_counter()
-    raw = read_frames(clip, args.frames)
-    frames = resize(raw, eval_hw(*raw.shape[1:3], args.size), str(clip))
+    frames = read_frames(clip, args.frames, size=args.size)
     flows = metrics.input_flows(frames)  # once per clip, shared by every style and candidate
     flow_s = time.perf_counter() - started
     records, timings = [], []
@@ -261,7 +274,7 @@ def evaluate_clip(clip: Path, styles: list[str], candidates: list[tuple[str, str
         t = time.perf_counter()
         teacher_frames = run_teacher(sources.teacher(style), frames)
         teacher_s = time.perf_counter() - t
-        cands = {name: candidate_frames(spec, clip, style, frames, teacher_frames, sources, len(frames))
+        cands = {name: candidate_frames(spec, clip, style, frames, teacher_frames, sources)
                  for name, spec in candidates}  # fmt: skip
         records += [{"clip": clip_name(clip), "style": style, **r}
                     for r in metrics.evaluate(frames, teacher_frames, cands, flows)]  # fmt: skip

@@ -259,8 +259,8 @@ def summarize(records: list[dict]) -> list[dict]:
         row = {"style": style, "candidate": candidate, "clips": len(rs),
                "passing_sharpness_guard": sum(r["passes_sharpness_guard"] for r in rs)}  # fmt: skip
         for key in RECORD_FIELDS[2:]:
-            values = [r[key] for r in rs if isinstance(r[key], float) and not math.isnan(r[key])]
             if key != "passes_sharpness_guard":
+                values = [r[key] for r in rs if r[key] is not None and not math.isnan(r[key])]
                 row[key] = float(np.median(values)) if values else None
         rows.append(row)
     return rows
