@@ -143,7 +143,8 @@ def squash(text: str) -> str:
 def fetch_deb(name: str, version: str, cache: Path) -> Path:
     """The .deb of NAME=VERSION in `cache`, downloaded with apt-get if it is not there yet."""
     for deb in sorted(cache.glob(f"{name}_*.deb")):
-        if subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True).stdout.strip() == version:
+        info = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True)
+        if info.stdout.strip() == version:
             return deb
     subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=cache, check=True)
     return fetch_deb(name, version, cache)
