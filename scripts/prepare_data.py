@@ -299,7 +299,7 @@ def eval_list(media: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "stylize" / "sources",
-                    help="where the .deb and .whl files are kept (about 220 MB)")
+                    help="where the .deb and .whl files are kept (about 185 MB)")
     ap.add_argument("--out", type=Path, default=REPO / ".data", help="crops go to OUT/crops/")
     ap.add_argument("--media", type=Path, default=REPO.parent / "shared" / "media", help="the evaluation clips")
     ap.add_argument("--update", action="store_true", help="accept source bytes that differ from the manifest")
