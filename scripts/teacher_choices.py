@@ -6,6 +6,8 @@
                                                       #   -> benchmarks/teachers/<preset>.png (committed)
     python scripts/teacher_choices.py --group oil --warp 12   # + flicker: εw (masked, 0-255) and
                                                       #   sharpness of each candidate on 12 frames a clip
+    python scripts/teacher_choices.py --time --threads 1      # each preset's teacher: ms a 512x512 frame
+    python scripts/teacher_choices.py --time --stills --device cuda   # the same on the GPU, on the stills
 
 A sheet: the input row, then one row per candidate, over frames of a few clips. Sheets from
 ../shared/media go under out/ only (that media is for evaluation, never committed); the stills
@@ -120,6 +122,46 @@ def rows_for(specs: list[dict], frames: np.ndarray) -> tuple[list[np.ndarray], l
     return rows, labels
 
 
+def _ms(fn, batch, repeats: int, sync: bool) -> float:
+    """Median wall-clock ms per frame of fn(batch), after a warm-up call."""
+    import torch
+
+    with torch.inference_mode():
+        fn(batch)
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize() if sync else None
+            t = time.perf_counter()
+            fn(batch)
+            torch.cuda.synchronize() if sync else None
+            times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3 / len(batch)
+
+
+def time_table(frames: np.ndarray, device: str, repeats: int = 3) -> None:
+    """Each preset's teacher: ms per frame, printed as a table. On the CPU: its call, one frame at
+    a time. On CUDA: its torch form (fp32, TF32 off) on a batch of one and of 16 (`frames`
+    repeated); a CPU-only teacher's call on the CPU."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False  # the teacher in fp32: TF32 moves outputs by up to 4/255
+    gpu = device != "cpu"
+    if gpu:
+        frames = np.concatenate([frames] * -(-16 // len(frames)))[:16]
+    print(f"| preset | teacher | ms / frame{f' | ms / frame, batch of {len(frames)}' if gpu else ''} |")
+    print("|---|---|---|" + ("---|" if gpu else ""))
+    for name in list_presets("styles"):
+        teacher = load_teacher(style_config(name).teacher, device)
+        if gpu and not teacher.cpu_only:
+            x = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float() / 255
+            cells = [_ms(teacher.torch_module(), b, repeats, True) for b in (x[:1], x)]
+        else:
+            per_frame = [_ms(teacher, f[None], repeats, False) for f in frames[:3]]
+            cells = [float(np.median(per_frame))] + ([np.nan] if gpu else [])
+        where = " (CPU only)" if teacher.cpu_only else ""
+        print(f"| {name} | {teacher.name}{where} | " + " | ".join("–" if np.isnan(c) else f"{c:.2f}" for c in cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--group", action="append", choices=list(GROUPS), help="candidate group(s) (default: all)")
@@ -128,7 +170,18 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=200, help="thumbnail height in the sheet")
     ap.add_argument("--warp", type=int, metavar="FRAMES", help="also print each candidate's εw on FRAMES frames")
     ap.add_argument("--warp-clips", default="parkour,blackswan", help="the clips --warp measures (comma-separated)")
+    ap.add_argument("--time", action="store_true", help="time each preset's teacher on 512x512 frames")
+    ap.add_argument("--threads", type=int, help="torch threads (on a shared CPU, 1 is often fastest)")
+    ap.add_argument("--device", default="cpu", help="where --time runs the torch teachers (cpu, cuda)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    if args.time:
+        time_table(square_stills() if args.stills else clip_frames(CLIPS[:2], 1), args.device)
+        return
 
     if args.stills:
         frames, folder = square_stills(), REPO / "benchmarks" / "teachers"

