@@ -155,7 +155,7 @@ class MultiStyleNet(nn.Module):
         return x
 
 
-# -- the arbitrary-style pair (int8) --------------------------------------------------------------
+# -- the arbitrary-style pair (int8 graphs; here float, or fake-quantized to match them) --------
 
 
 class StylePredictor(nn.Module):
