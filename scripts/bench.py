@@ -214,15 +214,13 @@ def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_fram
     warmup_s = time.perf_counter() - t
     print(f"[{name}] warm-up {warmup_s:.1f} s", flush=True)
     if warm_only:  # a cache-filling run (rows compiled in parallel processes before a measured one)
-        if isinstance(stylizer, Engine):
-            stylizer.close()
+        stylizer.close()
         return {"row": name, "batch": batch, "warmup_s": round(warmup_s, 1)}, None
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    if isinstance(stylizer, Engine) and cuda:
-        stylizer.timeline = []
+    timeline = stylizer.start_timeline() if isinstance(stylizer, Engine) and cuda else None
     stats = stylize_video(clip, tmp / f"{name}_out.mp4", stylizer, enc)
     row = {
         "row": name, "batch": batch, "engine": dataclasses.asdict(ecfg) if ecfg else None, "compiled": compile_,
@@ -235,10 +233,10 @@ def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_fram
         row["flow_host_ms_median"] = round(float(np.median(stylizer.flow_ms)), 1)
         row["flow_wait_ms_median"] = round(float(np.median(stylizer.temporal.flow_wait_ms)), 1)
         row["flow_refreshes"] = len(stylizer.flow_ms)
-    if isinstance(stylizer, Engine) and cuda:
-        row["timeline"] = timeline_summary(stylizer.timeline, batch)
+    if timeline is not None:
+        stylizer.stop_timeline()
+        row["timeline"] = timeline_summary(timeline, batch)
         row["step_only_fps"] = row["timeline"]["step_only_fps"]
-        stylizer.timeline = None
     te_share = 1.0
     if ecfg is not None:
         te_share = 0.0 if ecfg.static_prompt else (1 / batch if ecfg.te_batch_one else 1 / ecfg.te_refresh_every)
@@ -259,8 +257,7 @@ def run_row(stack, name, clip, prompt, ceiling, parity, ref_out, tmp, paced_fram
     print(json.dumps({k: v for k, v in row.items() if k not in ("engine", "timeline")}), flush=True)
     if "timeline" in row:
         print(f"[{name}] timeline {json.dumps(row['timeline'])}", flush=True)
-    if isinstance(stylizer, Engine):
-        stylizer.close()
+    stylizer.close()
     del stylizer
     if cuda:
         torch.cuda.empty_cache()

@@ -134,25 +134,16 @@ def run(
 def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, compile, te_every, te_batch_one,
          static_prompt, adapter, adapter_hooks, adapter_every, yes, no_audio, recursive, fps, crf, preset, seed, as_json,
          quiet, debug) -> None:  # fmt: skip
-    from .config import EngineConfig, PipelineConfig, prompt_slug, style_config
+    from .config import EngineConfig, OutputConfig, PipelineConfig, adapter_file, instruction
     from .jobs import plan_jobs
-    from .pipeline import OutputConfig
 
     err = _console(quiet)
-    if (style is None) == (prompt is None):
-        raise UsageError("give exactly one of --style NAME or --prompt TEXT")
-    if not 0 <= crf <= 51:
-        raise UsageError(f"--crf must be between 0 and 51, not {crf}")
-    if fps is not None and fps <= 0:
-        raise UsageError(f"--fps must be positive, not {fps}")
-    text, tag = (style_config(style).prompt, style) if style else (prompt, prompt_slug(prompt))
-    cfg = PipelineConfig(prompt=text, steps=steps, size=size, crop=crop.value, batch_size=batch_size, seed=seed)
+    text, tag = instruction(style, prompt)
     out = OutputConfig(crf=crf, preset=preset, audio=not no_audio, fps=fps)
-    if adapter is not None and not adapter.is_file():
-        raise UsageError(f"--adapter {adapter}: no such file; give the temporal LLLite .safetensors")
+    cfg = PipelineConfig(prompt=text, steps=steps, size=size, crop=crop.value, batch_size=batch_size, seed=seed)
     ecfg = EngineConfig(
         compile=compile.value, te_refresh_every=te_every, te_batch_one=te_batch_one, static_prompt=static_prompt,
-        adapter=str(adapter) if adapter else None, adapter_hooks=adapter_hooks, adapter_refresh_every=adapter_every,
+        adapter=adapter_file(adapter), adapter_hooks=adapter_hooks, adapter_refresh_every=adapter_every,
     )  # fmt: skip
     jobs = plan_jobs(inputs, tag, output, recursive)
 
@@ -173,53 +164,39 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
 
 def _run_jobs(jobs, model, cfg, ecfg, out, device, err, as_json, quiet, debug) -> int:
     """Load the stack once, stylize each clip, keep going past a bad one; returns the failures."""
-    from .config import EngineConfig, model_config, use_persistent_compile_cache
+    from .config import model_config, use_persistent_compile_cache
 
     use_persistent_compile_cache()  # before torch is imported
     from .models import load_stack
-    from .pipeline import make_stylizer, stylize_video
+    from .pipeline import build_stylizer, stylize_video
 
     _quiet_libraries(debug)
     loading = time.perf_counter()
     with err.status(f"loading model '{model}' on {device}"):
         stack = load_stack(model_config(model), device)
-        # the engine on CUDA, or wherever an engine option was asked for; else the reference path
-        use_engine = device == "cuda" or ecfg != EngineConfig()
-        # only `--compile auto` on CUDA needs the run's length, which costs a probe of every clip
-        hint = _frames_hint(jobs, out) if device == "cuda" and ecfg.compile == "auto" else None
-        stylizer = make_stylizer(stack, cfg, ecfg if use_engine else None, hint)
+        stylizer = build_stylizer(stack, cfg, ecfg, [job.src for job in jobs], out.fps)
     load_s = round(time.perf_counter() - loading, 2)
     failed = 0
-    for job in jobs:
-        try:
-            with _progress(err, job.src.name, quiet) as on_progress:
-                stats = stylize_video(job.src, job.dst, stylizer, out, on_progress)
-        except Exception as e:  # keep going past a bad clip; the summary and exit code say so
-            failed += 1
-            _report_error(err, e, job.src, debug)
-            continue
-        if as_json:
-            since_start = time.perf_counter() - STARTED  # what a user waits: start-up, load, compile
-            typer.echo(json.dumps({**stats.as_dict(), "status": "ok", "model_load_s": load_s, "process_s_at_end": round(since_start, 2)}))
-        elif not quiet:
-            typer.echo(
-                f"{job.src} -> {job.dst}: {stats.frames} frames {stats.width}x{stats.height}, "
-                f"{stats.fps:.1f} fps, latency p50 {stats.latency_p50_ms:.0f} ms, p95 {stats.latency_p95_ms:.0f} ms"
-            )
+    try:
+        for job in jobs:
+            try:
+                with _progress(err, job.src.name, quiet) as on_progress:
+                    stats = stylize_video(job.src, job.dst, stylizer, out, on_progress)
+            except Exception as e:  # keep going past a bad clip; the summary and exit code say so
+                failed += 1
+                _report_error(err, e, job.src, debug)
+                continue
+            if as_json:
+                since_start = time.perf_counter() - STARTED  # what a user waits: start-up, load, compile
+                typer.echo(json.dumps({**stats.as_dict(), "status": "ok", "model_load_s": load_s, "process_s_at_end": round(since_start, 2)}))
+            elif not quiet:
+                typer.echo(
+                    f"{job.src} -> {job.dst}: {stats.frames} frames {stats.width}x{stats.height}, "
+                    f"{stats.fps:.1f} fps, latency p50 {stats.latency_p50_ms:.0f} ms, p95 {stats.latency_p95_ms:.0f} ms"
+                )
+    finally:
+        stylizer.close()
     return failed
-
-
-def _frames_hint(jobs, out) -> int:
-    """About how many frames this run will stylize (for `--compile auto`); unknown counts as 0."""
-    from . import video
-
-    total = 0
-    for job in jobs:
-        try:
-            total += video.probe(job.src, out.fps).frames or 0
-        except Exception:  # a bad clip is reported when its turn comes
-            pass
-    return total
 
 
 class _progress:

@@ -139,6 +139,42 @@ class EngineConfig:
         return hooks if hooks in ("all", "down_blocks") else [h.strip() for h in hooks.split(",") if h.strip()]
 
 
+@dataclass(frozen=True)
+class OutputConfig:
+    """How the output video is written and how an image-folder input is timed."""
+
+    crf: int = 18
+    preset: str = "medium"
+    audio: bool = True
+    fps: float | None = None  # frame rate of a numbered-image folder (default 24)
+    realtime: bool = False  # decode no faster than the timestamps (a live source; for latency)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.crf <= 51:
+            raise UsageError(f"--crf must be between 0 and 51, not {self.crf}")
+        if self.fps is not None and self.fps <= 0:
+            raise UsageError(f"--fps must be positive, not {self.fps}")
+
+
+def instruction(style: str | None, prompt: str | None) -> tuple[str, str]:
+    """(the prompt the model reads, the tag output names carry) from exactly one of a style
+    preset's name or a free-text prompt."""
+    if (style is None) == (prompt is None):
+        raise UsageError("give exactly one of --style NAME or --prompt TEXT")
+    if style is not None:
+        return style_config(style).prompt, style
+    return prompt, prompt_slug(prompt)
+
+
+def adapter_file(path: str | os.PathLike | None) -> str | None:
+    """The `--adapter` file as EngineConfig takes it, checked to exist (None: no adapter)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UsageError(f"--adapter {path}: no such file; give the temporal LLLite .safetensors")
+    return str(path)
+
+
 def _preset(kind: str, name: str) -> Traversable:
     """The preset file `name` of `kind` ("models" or "styles"), shipped as package data."""
     return resources.files("stylize") / "presets" / kind / f"{name}.yaml"

@@ -1,65 +1,66 @@
 """The streaming engine: the reference math, batched and overlapped on the GPU (DESIGN §5).
 
-    engine = Engine(stack, PipelineConfig(...), EngineConfig(...))
-    engine.reset()                      # a new clip: nothing carries over
+    engine = Engine(stack, PipelineConfig(...), EngineConfig(...))   # optimize(): the speedups
+    engine.prepare(in_hw)               # one-time per frame size: compile warm-up, cache files
+    engine.reset(sink)                  # a new clip: nothing carries over
     for batch in decoded_batches:
-        for ready in engine.feed(batch):    # FrameBatch in, finished FrameBatches out
-            encode(ready)
-    for ready in engine.flush(): encode(ready)
+        engine.feed(batch)              # issues its GPU work; finished batches go to sink(batch)
+    engine.flush()                      # wait until the sink has had everything
 
-Batch n goes through two CUDA streams:
+`feed` only issues GPU work. Batch n goes through two CUDA streams:
 - side stream: upload of the pinned uint8 frames, resize and normalise, the text encoder (when a
   refresh is due) and TAESD encode; it ends with the event `ready`;
-- main stream: waits for `ready`, runs the U-Net steps and TAESD decode, resizes to the output size
-  and copies the uint8 result into pinned host memory; it ends with the event `done`.
-`feed(n+1)` issues batch n+1's side work while the GPU still runs batch n's U-Net, and hands back
-batch n once its `done` event has fired: the only wait on the host, on work issued a call earlier.
-No device-wide synchronize, no `.item()`/`.tolist()`/`.cpu()` in the loop. On the CPU the same
-code runs with no streams (the tests check it against the reference path).
+- main stream: waits for `ready`, runs the adapter's refresh, the U-Net steps and TAESD decode,
+  resizes to the output size and copies the uint8 result into pinned host memory; it ends with
+  the event `done`.
+`feed(n+1)` issues batch n+1's side work while the GPU still runs batch n's U-Net. No
+device-wide synchronize, no `.item()`/`.tolist()`/`.cpu()` in the loop.
 
-With a sink (`start_sink`, the CLI's path) a collector thread hands batches back as their `done`
-events fire, and `feed` returns only while fewer than `EngineConfig.in_flight` batches are issued
-and not handed back: the next batch is taken from the decoder no earlier than the GPU can start
-on it, since every batch held anywhere adds a batch period to each frame's latency.
+Batches come back through one hand-back thread (`threads.Pipe`): it waits for each batch's
+`done` event, in order, and hands it to the sink (without one, `feed`/`flush` return them).
+`feed` returns only while fewer than `EngineConfig.in_flight` batches are issued and not handed
+back: the next batch is taken from the decoder no earlier than the GPU can start on it, since
+every batch held anywhere adds a batch period to each frame's latency. On the CPU the same code
+runs with no streams (the tests check it against the reference path).
+
+Per-clip state lives in small objects: `_Clip` (noise, the text encoder's `RefreshSchedule`, the
+last thumbnail for scene cuts, the reused text states) and the adapter's `TemporalConditioner`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import queue
-import threading
 from collections import deque
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from .buffers import HostRing
 from .config import EngineConfig, PipelineConfig
 from .models import ModelStack
-from .models.text_encoder import encode, encode_text_only, tokenize_prompt
+from .models.text_encoder import encode, encode_text_only
+from .optimize import Steps, compile_steps, optimize
 from .reference import (
     draw_noise,
     euler,
     flow_sigmas,
     geometry,
+    latent_multiple,
+    pad_batch,
+    prompt_tokens,
     resize,
     to_output,
     to_working,
-    vae_decode,
-    vae_encode,
-    velocity,
 )
+from .schedule import RefreshSchedule, scene_cut, thumbnail
+from .threads import Pipe
 
 log = logging.getLogger(__name__)
 
-
-def thumbnail(frame_hwc_uint8: np.ndarray) -> np.ndarray:
-    """A ~32-pixel grey thumbnail in [0, 1] for cheap scene-cut detection on the host."""
-    h, w = frame_hwc_uint8.shape[:2]
-    step = max(1, max(h, w) // 32)
-    return frame_hwc_uint8[::step, ::step].mean(axis=-1, dtype=np.float32) / 255
+RING_SLOTS = 4  # decoder's batch being filled + one decoded ahead + the one being fed, and a spare
 
 
 @dataclass
@@ -73,121 +74,167 @@ class _Pending:
     done: torch.cuda.Event | None
 
 
+@dataclass
+class _Clip:
+    """What one clip carries from batch to batch (`Engine.reset` starts a new one)."""
+
+    generator: torch.Generator
+    te: RefreshSchedule
+    noise: dict = field(default_factory=dict)  # latent hw -> the fixed noise pattern
+    last_thumb: np.ndarray | None = None  # the previous batch's last frame (scene cuts)
+    states: torch.Tensor | None = None  # the text encoder's last output, reused between refreshes
+    mask: torch.Tensor | None = None
+    fed: int = 0  # batches fed
+
+
 class Engine:
     """Stateful per clip (`reset`); one prompt at a time (`set_prompt`)."""
 
-    def __init__(self, stack: ModelStack, cfg: PipelineConfig, ecfg: EngineConfig = EngineConfig()):
+    def __init__(self, stack: ModelStack, cfg: PipelineConfig, ecfg: EngineConfig = EngineConfig(),
+                 steps: Steps | None = None):  # fmt: skip
         self.stack, self.cfg, self.ecfg = stack, cfg, ecfg
         self.device = stack.device
         self.cuda = self.device.type == "cuda"
         self.main = torch.cuda.current_stream(self.device) if self.cuda else None
         self.side = torch.cuda.Stream(self.device) if (self.cuda and ecfg.side_stream) else None
-        self.multiple = 8 * 2 ** (len(stack.unet.config.block_out_channels) - 1)
-        self.lllite = self.temporal = None
-        unet = stack.unet
-        if ecfg.fuse_qkv or ecfg.adapter:  # these change the U-Net's modules: the engine's own copy
-            unet = copy.deepcopy(unet)
-        if ecfg.fuse_qkv:
-            from .optimize import fuse_qkv
+        self.multiple = latent_multiple(stack.unet)
+        self.steps = steps if steps is not None else optimize(stack, ecfg)
+        self.temporal = None
+        if self.steps.lllite is not None:
+            from .temporal import TemporalConditioner
 
-            fuse_qkv(unet)
-        if ecfg.adapter:
-            from .temporal import TemporalConditioner, attach_adapter
-
-            self.lllite = attach_adapter(unet, stack, ecfg)
-            self.temporal = TemporalConditioner(self.lllite, ecfg, self.device)
-        self.steps = _Steps(stack, unet)  # the callables the GPU runs; `optimize` may compile them
-        self.fast_te = None
-        if ecfg.fast_te and not ecfg.static_prompt:
-            from .fast_te import FastTextEncoder
-
-            self.fast_te = FastTextEncoder(
-                stack.text_encoder, stack.config.te_image_size, stack.config.hidden_states, ecfg.te_bucket
-            )
-        self.compile_keys: dict = {}  # work_hw -> compile-cache key, once its warm-up has been saved
-        self.timeline: list | None = None  # set to [] to record (batch, stage, stream, start, end) events
-        self.sink = None
-        self.set_prompt(cfg.prompt)
+            self.temporal = TemporalConditioner(self.steps.lllite, ecfg, self.device)
+        self.ring = HostRing(RING_SLOTS, pin=self.cuda)  # the decoder fills these (video.read_batches)
+        self.constants = _Constants(stack)
+        self.prepared: dict = {}  # work_hw -> compile-cache key, once its warm-up has run
+        self.timeline: list | None = None  # (batch, stage, stream, start, end) while recording
+        self.sink: Callable | None = None
+        self.ready: deque = deque()  # handed back, waiting for `feed`/`flush` to return them (no sink)
+        self.dropping = False
+        # the one way batches come back; its thread holds the engine until `close`
+        self.handback = Pipe(self._hand_back, "engine-hand-back", limit=ecfg.in_flight)
         self.reset()
+        self.set_prompt(cfg.prompt)
 
     def close(self) -> None:
-        """Release the flow threads."""
+        """End the hand-back thread and release the flow threads (call it when done)."""
+        self.handback.close(discard=True)
         if self.temporal is not None:
             self.temporal.close()
 
-    @property
-    def flow_ms(self) -> list[float]:
-        return self.temporal.flow_ms if self.temporal is not None else []
+    # -- policy: which steps run, one-time work per frame size ---------------------------------
+
+    def use(self, steps: Steps) -> None:
+        """Run `steps` from the next batch on (e.g. compiled ones): the one place steps change."""
+        self._drain()
+        self.steps = steps
 
     def enable_compile(self, backend: str = "inductor") -> None:
         """Compile the steps (optimize.py); compiled graphs are cached across runs per geometry."""
-        from .optimize import compile_steps
-
-        compile_steps(self.steps, self.ecfg.cuda_graphs, backend, self.ecfg.side_graphs)
+        e = self.ecfg
+        self.use(compile_steps(self.steps, self.device, e.cuda_graphs, backend, e.side_graphs))
 
     @property
     def compiled(self) -> bool:
-        return getattr(self.steps, "compiled", False)
+        return self.steps.compiled
 
-    def warming_up(self, in_hw) -> bool:
-        """True when the next batch of this size will compile (a one-time step per geometry)."""
-        return self.compiled and geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop).work_hw not in self.compile_keys
+    def prepare(self, in_hw: tuple[int, int], status: Callable[[str], None] | None = None) -> None:
+        """Before a clip's first batch: compile (or load from the cache) and capture the graphs of
+        this frame size by running two batches of blank frames, then save what compiling made
+        (once per configuration and size, off the hot loop). Ends with `reset()`: call `reset(sink)`
+        after it."""
+        geo = geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop)
+        if not self.compiled or geo.work_hw in self.prepared:
+            return
+        from . import optimize as opt
+        from .video import FrameBatch
+
+        if status is not None:
+            status("compiling (one-time, cached)")
+        key = opt.config_key(self.stack, self.cfg, self.ecfg, geo.work_hw)
+        had_cache = opt.load_artifacts(key)  # a saved warm-up turns the compile into cache hits
+        blank = np.zeros((self.cfg.batch_size, *in_hw, 3), np.uint8)
+        self.reset()
+        for n in range(2):  # the first call compiles, the second captures the side-stream graphs
+            self.feed(FrameBatch(blank, list(range(n * len(blank), (n + 1) * len(blank))), [0.0] * len(blank)))
+        self.flush()
+        self.prepared[geo.work_hw] = key
+        if not had_cache:
+            opt.save_artifacts(key)
+        self.reset()
 
     # -- per-clip and per-prompt state ------------------------------------------------------------
 
-    def reset(self) -> None:
-        """A new clip: the schedule restarts, the noise is redrawn from the seed, nothing is pending."""
-        self.generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        self.noise_cache: dict = {}
-        self.batches_since_refresh: int | None = None  # None: the next batch refreshes
-        self.states = self.mask = None
-        self.last_thumb: np.ndarray | None = None
-        self.cut = False  # the current batch starts a new scene
+    def reset(self, sink: Callable | None = None) -> None:
+        """A new clip: the schedules restart, the noise is redrawn from the seed, and anything still
+        in flight from the last clip is dropped. With a `sink`, each finished FrameBatch goes to
+        `sink(batch)`, in order, from the hand-back thread as soon as its GPU work is done (no
+        waiting for the next `feed`: a live source would feel that as a batch of latency), and
+        `feed`/`flush` return []."""
+        self._drain()
+        self.ready.clear()
+        self.sink = sink
+        te = RefreshSchedule(self.ecfg.te_refresh_every)
+        self.clip = _Clip(torch.Generator(self.device).manual_seed(self.cfg.seed), te)
         if self.temporal is not None:
             self.temporal.reset()
-        self.pending: deque[_Pending] = deque()
-        self.fed = 0  # batches fed in this clip
 
     def set_prompt(self, prompt: str) -> None:
         """Change the instruction; the next batch refreshes the text encoder."""
-        stack = self.stack
         if self.side is not None:  # the side stream may still read the old prompt's buffers
             torch.cuda.current_stream(self.device).wait_stream(self.side)
         self.cfg = replace(self.cfg, prompt=prompt)
-        self.tokens = tokenize_prompt(
-            stack.tokenizer, stack.text_encoder.config, prompt, stack.config.te_image_size, stack.config.prompt_max_tokens
-        )
-        if self.fast_te is not None:
-            self.fast_te.set_prompt(self.tokens)
+        self.tokens = prompt_tokens(self.stack, prompt)
+        if self.steps.fast_te is not None:
+            self.steps.fast_te.set_prompt(self.tokens)
         self.static_states = None
-        self.batches_since_refresh = None
+        self.clip.te.restart()
         self.side_waits = True
 
     def output_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
         return geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop).out_hw
 
+    def start_timeline(self) -> list:
+        """Record (batch, stage, stream, start event, end event) per stage until `stop_timeline`."""
+        self.timeline = []
+        return self.timeline
+
+    def stop_timeline(self) -> None:
+        self.timeline = None
+
     # -- the loop -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def feed(self, batch) -> list:
-        """Queue a decoded FrameBatch; return the FrameBatches whose output is ready, in order."""
-        frames = batch.frames
-        real, bs = len(frames), self.cfg.batch_size
-        if real < bs:  # static shapes: pad a short batch by repeating its last frame, trim later
-            frames = np.concatenate([frames, np.repeat(frames[-1:], bs - real, axis=0)])
-        refresh = self._refresh_due(batch.frames)
-        geo = geometry(frames.shape[1:3], self.cfg.size, self.multiple, self.cfg.crop)
-        warm_up = self.compiled and geo.work_hw not in self.compile_keys
-        if warm_up:
-            from . import optimize
+        """Issue a decoded FrameBatch's GPU work; return the batches handed back since (none with
+        a sink). Waits while `in_flight` batches are issued and not yet handed back."""
+        clip, real = self.clip, len(batch.frames)
+        host = self._host_frames(batch)  # (B, H, W, 3) uint8, pinned on CUDA, padded
+        first = thumbnail(batch.frames[0])
+        cut = scene_cut(clip.last_thumb, first, self.ecfg.scene_cut)
+        clip.last_thumb = thumbnail(batch.frames[-1])
+        if cut:
+            log.debug("scene cut: refreshing the text encoder")
+        te_due = clip.te.step(cut)
+        geo = geometry(host.shape[1:3], self.cfg.size, self.multiple, self.cfg.crop)
+        # the adapter's flows start on CPU threads now and are collected on the main stream below
+        conditioning = self.temporal.prepare(host.numpy(), geo, cut) if self.temporal is not None else None
 
-            key = optimize.config_key(self.stack, self.cfg, self.ecfg, geo.work_hw)
-            had_cache = optimize.load_artifacts(key)  # a saved warm-up turns the compile into cache hits
-        host = torch.from_numpy(np.ascontiguousarray(frames))
-        if self.cuda:
-            host = host.pin_memory()
-        conditioning = self.temporal.prepare(frames, geo, self.cut) if self.temporal is not None else None
+        x01, source, uploaded, inputs_ready = self._side_work(host, geo, te_due)
+        pending = self._main_work(batch, real, geo, x01, source, inputs_ready, conditioning)
+        batch.release(after=uploaded)  # the ring slot: the flows are collected, the upload issued
+        clip.fed += 1
+        self.handback.put(pending)  # backpressure: returns once fewer than in_flight are unreturned
+        return self._take_ready()
 
+    def flush(self) -> list:
+        """Wait until every batch fed has been handed back; return them (with a sink: [])."""
+        self.handback.join()
+        return self._take_ready()
+
+    def _side_work(self, host, geo, te_due: bool):
+        """Upload, working resolution, text encoder (when due) and TAESD encode, on the side
+        stream; the event `inputs_ready` ends it (None without CUDA streams)."""
         side = self.side or self.main
         with self._on(self.side):
             if self.side is not None and self.side_waits:
@@ -196,15 +243,19 @@ class Engine:
                 self.side_waits = False
             with self._stage("prep", side):
                 x = host.to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
+                uploaded = self._record(side)  # the host buffer may be refilled after this
                 x01 = to_working(x, geo)  # (B, 3, h, w) in [0, 1]
-            if refresh:
+            if te_due:
                 with self._stage("te", side):
-                    self.states, self.mask = self._encode_text(x01)
+                    self.clip.states, self.clip.mask = self._encode_text(x01)
             with self._stage("vae_enc", side):
                 source = self.steps.vae_encode(x01)  # (B, 4, h/8, w/8)
-            states, mask = self.states, self.mask
             inputs_ready = self._record(self.side)
+        return x01, source, uploaded, inputs_ready
 
+    def _main_work(self, batch, real, geo, x01, source, inputs_ready, conditioning) -> _Pending:
+        """Adapter refresh, U-Net steps, TAESD decode and the copy out, on the main stream."""
+        states, mask = self.clip.states, self.clip.mask
         with self._on(self.main):
             if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are dead
@@ -225,109 +276,50 @@ class Engine:
                 y = to_output(y01, geo)  # (B, H', W', 3) uint8
                 out = torch.empty(y.shape, dtype=torch.uint8, pin_memory=self.cuda)
                 out.copy_(y, non_blocking=self.cuda)
-            pending = _Pending(batch, real, out, self._record(self.main))
-        self.fed += 1
-        if self.sink is not None:
-            self._raise_sink_error()
-            with self.handed_back:
-                self.unreturned += 1
-            self.handoff.put(pending)
-            with self.handed_back:  # backpressure: the next batch is taken from the decoder only now
-                self.handed_back.wait_for(lambda: self.unreturned < self.ecfg.in_flight)
-            ready = []
-        else:
-            self.pending.append(pending)
-            ready = self._collect(keep=0 if warm_up else self.ecfg.in_flight - 1)
-        if warm_up:
-            from . import optimize
+            return _Pending(batch, real, out, self._record(self.main))
 
-            if self.sink is not None:
-                self.flush()  # the warm-up batch compiled and ran
-            self.compile_keys[geo.work_hw] = key
-            if not had_cache:
-                optimize.save_artifacts(key)
-        return ready
+    # -- handing batches back ------------------------------------------------------------------
 
-    def flush(self) -> list:
-        """Everything still on the GPU, in order (with a sink: wait until it has had them)."""
-        if self.sink is not None:
-            self.handoff.join()
-            self._raise_sink_error()
-            return []
-        return self._collect(keep=0)
-
-    # -- handing batches back from a collector thread ------------------------------------------
-
-    def start_sink(self, sink) -> None:
-        """From now on hand each finished FrameBatch to `sink(batch)`, in order, from a collector
-        thread as soon as its GPU work is done: no waiting for the next `feed`, which a live source
-        would feel as a whole batch of extra latency. `feed` and `flush` then return []."""
-        self.sink, self.sink_error = sink, None
-        self.handoff: queue.Queue = queue.Queue()  # bounded by `in_flight`
-        self.unreturned = 0  # batches issued and not yet handed to the sink (at most ecfg.in_flight)
-        self.handed_back = threading.Condition()
-        self.collector = threading.Thread(target=self._collect_loop, name="engine-collector", daemon=True)
-        self.collector.start()
-
-    def stop_sink(self) -> None:
-        if self.sink is None:
+    def _hand_back(self, p: _Pending) -> None:
+        """On the hand-back thread, in order: wait for this batch only (the GPU keeps running the
+        next ones), then give it to the sink."""
+        if self.dropping:
             return
-        self.handoff.put(None)
-        self.collector.join()
-        self.sink = None
-        self._raise_sink_error()
+        if p.done is not None:
+            p.done.synchronize()
+        done = replace(p.batch, frames=p.out.numpy()[: p.real], slot=None)
+        if self.sink is not None:
+            self.sink(done)
+        else:
+            self.ready.append(done)
 
-    def _collect_loop(self) -> None:
-        while (p := self.handoff.get()) is not None:
-            try:
-                if self.sink_error is None:
-                    if p.done is not None:
-                        p.done.synchronize()  # this batch only; the GPU keeps running the next ones
-                    self.sink(replace(p.batch, frames=p.out.numpy()[: p.real]))
-            except BaseException as e:  # noqa: BLE001 - re-raised on the feeding thread
-                self.sink_error = e
-            finally:
-                with self.handed_back:
-                    self.unreturned -= 1
-                    self.handed_back.notify()
-                self.handoff.task_done()
-        self.handoff.task_done()
-
-    def _raise_sink_error(self) -> None:
-        if self.sink_error is not None:
-            error, self.sink_error = self.sink_error, None
-            raise error
-
-    def _collect(self, keep: int) -> list:
-        """Hand back finished batches: those already done, then wait for the older ones so at
-        most `keep` remain queued (the wait is on work issued a call earlier)."""
+    def _take_ready(self) -> list:
         ready = []
-        while self.pending and (len(self.pending) > keep or _fired(self.pending[0].done)):
-            p = self.pending.popleft()
-            if p.done is not None:
-                p.done.synchronize()
-            ready.append(replace(p.batch, frames=p.out.numpy()[: p.real]))
+        while self.ready:
+            ready.append(self.ready.popleft())
         return ready
+
+    def _drain(self) -> None:
+        """Drop whatever is still in flight, and the error of a clip that already failed."""
+        self.dropping = True
+        try:
+            self.handback.join()
+        except Exception as e:  # noqa: BLE001 - that clip's failure reached its caller already
+            log.debug("dropped with the last clip: %s", e)
+        finally:
+            self.dropping = False
 
     # -- the pieces -----------------------------------------------------------------------------
 
-    def _refresh_due(self, frames: np.ndarray) -> bool:
-        """Host-side schedule: a new clip or prompt, every M batches, or a scene cut."""
-        first = thumbnail(frames[0])
-        cut = (
-            self.ecfg.scene_cut > 0
-            and self.last_thumb is not None
-            and first.shape == self.last_thumb.shape
-            and float(np.abs(first - self.last_thumb).mean()) > self.ecfg.scene_cut
-        )
-        self.last_thumb = thumbnail(frames[-1])
-        self.cut = cut
-        n = self.batches_since_refresh
-        due = n is None or cut or n + 1 >= self.ecfg.te_refresh_every
-        self.batches_since_refresh = 0 if due else n + 1
-        if cut:
-            log.debug("scene cut: refreshing the text encoder")
-        return due
+    def _host_frames(self, batch) -> torch.Tensor:
+        """The batch as a (B, H, W, 3) uint8 host tensor: its ring slot (pinned, padded by the
+        decoder) when it has one of the batch size, else padded and pinned here (tests, benchmarks
+        feeding arrays)."""
+        slot = batch.slot
+        if slot is not None and slot.array.shape[0] == self.cfg.batch_size:
+            return slot.tensor
+        host = torch.from_numpy(np.ascontiguousarray(pad_batch(batch.frames, self.cfg.batch_size)))
+        return host.pin_memory() if self.cuda else host
 
     def _encode_text(self, x01: torch.Tensor):
         stack, b = self.stack, x01.shape[0]
@@ -341,8 +333,8 @@ class Engine:
             return states.expand(b, -1, -1).contiguous(), mask.expand(b, -1).contiguous()
         te_size = stack.config.te_image_size
         frames = resize(x01[b // 2 : b // 2 + 1] if self.ecfg.te_batch_one else x01, (te_size, te_size))
-        if self.fast_te is not None:
-            states, mask = self.steps.text(self.fast_te, frames)
+        if self.steps.fast_te is not None:
+            states, mask = self.steps.text(self.steps.fast_te, frames)
         else:
             states, mask = encode(stack.text_encoder, self.tokens, frames, stack.config.hidden_states)
         return states.expand(b, -1, -1).contiguous(), mask.expand(b, -1).contiguous()
@@ -350,10 +342,11 @@ class Engine:
     def _denoise(self, source, states, mask, geo) -> torch.Tensor:
         b, dtype = source.shape[0], self.stack.dtype
         latent_hw = tuple(source.shape[-2:])
-        x = draw_noise(self.generator, self.noise_cache, self.cfg.fixed_noise, b, self.stack, latent_hw)
-        time_ids = self.steps.time_ids(geo.work_hw, b, dtype)
-        sigmas = self.steps.sigmas(self.cfg.steps, latent_hw)
-        for (sigma, sigma_next), t in zip(zip(sigmas[:-1], sigmas[1:]), self.steps.timesteps(sigmas, b, dtype)):
+        x = draw_noise(self.clip.generator, self.clip.noise, self.cfg.fixed_noise, b, self.stack, latent_hw)
+        c = self.constants
+        time_ids = c.time_ids(geo.work_hw, b, dtype)
+        sigmas = c.sigmas(self.cfg.steps, latent_hw)
+        for (sigma, sigma_next), t in zip(zip(sigmas[:-1], sigmas[1:]), c.timesteps(sigmas, b, dtype)):
             x = euler(x, self.steps.velocity(x, source, t, states.to(dtype), mask, time_ids), sigma_next - sigma)
         return x
 
@@ -367,7 +360,7 @@ class Engine:
         start.record(stream)
         yield
         end.record(stream)
-        self.timeline.append((self.fed, name, "main" if stream == self.main else "side", start, end))
+        self.timeline.append((self.clip.fed, name, "main" if stream == self.main else "side", start, end))
 
     def _on(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -379,52 +372,37 @@ class Engine:
         event.record(stream)
         return event
 
+    @property
+    def flow_ms(self) -> list[float]:
+        return self.temporal.flow_ms if self.temporal is not None else []
 
-def _fired(event) -> bool:
-    return event is None or event.query()
 
+class _Constants:
+    """Per-geometry constants on the device, made once: the schedule's sigmas, the timestep
+    vectors and DreamLite's size conditioning."""
 
-class _Steps:
-    """The GPU's work as small callables over the plain modules. `optimize.compile_steps` swaps
-    each for its compiled version; the engine never knows which it runs."""
-
-    def __init__(self, stack: ModelStack, unet=None):
+    def __init__(self, stack: ModelStack):
         self.stack = stack
-        self.unet = unet if unet is not None else stack.unet
-        self._sigmas: dict = {}
-        self._timesteps: dict = {}
+        self.cache: dict = {}
 
     def sigmas(self, steps: int, latent_hw) -> list[float]:
-        key = (steps, latent_hw)
-        if key not in self._sigmas:
-            self._sigmas[key] = flow_sigmas(self.stack.scheduler, steps, latent_hw)
-        return self._sigmas[key]
+        key = ("sigmas", steps, latent_hw)
+        if key not in self.cache:
+            self.cache[key] = flow_sigmas(self.stack.scheduler, steps, latent_hw)
+        return self.cache[key]
 
     def timesteps(self, sigmas: list[float], b: int, dtype) -> list[torch.Tensor]:
-        """Per-step timestep vectors (B,), made once and kept on the device."""
-        key = (tuple(sigmas), b, dtype)
-        if key not in self._timesteps:
-            self._timesteps[key] = [
-                torch.full((b,), s * 1000, dtype=dtype, device=self.stack.device) for s in sigmas[:-1]
-            ]
-        return self._timesteps[key]
+        """Per-step timestep vectors (B,)."""
+        key = ("t", tuple(sigmas), b, dtype)
+        if key not in self.cache:
+            self.cache[key] = [torch.full((b,), s * 1000, dtype=dtype, device=self.stack.device) for s in sigmas[:-1]]
+        return self.cache[key]
 
     def time_ids(self, work_hw, b: int, dtype) -> torch.Tensor:
-        """DreamLite's size conditioning [[W, H]] per frame (B, 2), made once per geometry."""
-        key = (work_hw, b, dtype)
-        if key not in self._timesteps:
+        """DreamLite's size conditioning [[W, H]] per frame (B, 2)."""
+        key = ("time_ids", work_hw, b, dtype)
+        if key not in self.cache:
             h, w = work_hw
-            self._timesteps[key] = torch.tensor([[w, h]], dtype=dtype, device=self.stack.device).expand(b, -1)
-        return self._timesteps[key]
+            self.cache[key] = torch.tensor([[w, h]], dtype=dtype, device=self.stack.device).expand(b, -1)
+        return self.cache[key]
 
-    def velocity(self, x, source, t, states, mask, time_ids):
-        return velocity(self.unet, x, source, t, states, mask, time_ids)
-
-    def vae_encode(self, x01):
-        return vae_encode(self.stack.vae, x01)
-
-    def vae_decode(self, latents):
-        return vae_decode(self.stack.vae, latents)
-
-    def text(self, fast_te, frames):
-        return fast_te(frames)

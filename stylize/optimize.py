@@ -1,8 +1,19 @@
-"""Compiling the engine's steps, and keeping what compiling costs off the user's next run.
+"""Every speedup of the engine in one place: `optimize(stack, ecfg) -> Steps`, applied in a fixed
+order, each behind its `EngineConfig` flag (learned from diffusion-fast's `optimize`):
 
-Each step is a small pure function over plain modules (`engine._Steps`); compiling swaps it for
-`torch.compile(fullgraph=True, dynamic=False)`: one graph per step, static shapes, a graph break
-or a recompile is an error in the tests rather than a silent slowdown.
+1. the engine's own copy of the U-Net (the stack's stays stock: the reference path, diffusers'
+   pipeline and other engines share it) whenever a later step changes its modules;
+2. fused QKV: one projection GEMM per self-attention (`fuse_qkv`);
+3. the temporal adapter attached to that copy (models/lllite.py; its conditioning schedule is the
+   engine's, temporal.py);
+4. the fast text encoder (fast_te.py) in place of the stock Qwen3-VL call;
+5. compiling (`compile_steps`): one graph per step, CUDA graphs on both streams.
+
+`Steps` is immutable: a policy change (compiling later, a counting wrapper in a test) is a whole
+new `Steps` swapped in between batches (`Engine.use`).
+
+Compiling swaps each step for `torch.compile(fullgraph=True, dynamic=False)`: one graph per step,
+static shapes, a graph break or a recompile is an error in the tests rather than a silent slowdown.
 
 - U-Net and TAESD decode run on the main stream: CUDA graphs ("reduce-overhead") replay them
   with one launch each, which is what a launch-bound U-Net needs.
@@ -22,16 +33,23 @@ the second run of the same shapes starts in seconds. `--compile auto` compiles w
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils._pytree import tree_map
+
+from .config import EngineConfig
+from .reference import vae_decode, vae_encode, velocity
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +124,72 @@ def should_compile(mode: str, device: torch.device, frames: int | None, warm: bo
     return frames >= (AUTO_MIN_FRAMES_WARM if warm else AUTO_MIN_FRAMES_COLD)
 
 
-def compile_steps(steps, cuda_graphs: bool = True, backend: str = "inductor", side_graphs: bool = True) -> None:
-    """Swap each of the engine's steps for its compiled version (in place)."""
-    on_cuda = steps.stack.device.type == "cuda"
+@dataclass(frozen=True)
+class Steps:
+    """The GPU's work as small callables over plain modules, and the modules they run.
+
+    velocity(x, source, t, states, mask, time_ids) -> v; vae_encode(x01) -> latents;
+    vae_decode(latents) -> y01; text(fast_te, frames) -> (states, mask) (the fast text encoder's
+    call; the module is an argument so that a CUDA graph of it is keyed by its buffers)."""
+
+    unet: torch.nn.Module  # the U-Net the engine runs (its own copy when it was changed)
+    lllite: object | None  # the attached TemporalLLLite, or None
+    fast_te: object | None  # the FastTextEncoder, or None (stock call or static prompt)
+    velocity: Callable
+    vae_encode: Callable
+    vae_decode: Callable
+    text: Callable
+    compiled: bool = False
+
+
+def optimize(stack, ecfg: EngineConfig, compiled: bool = False, backend: str = "inductor") -> Steps:
+    """Apply the engine's speedups to `stack` in their fixed order (see the module docstring);
+    the stack itself is left as it was."""
+    unet = stack.unet
+    # 1. the engine's own U-Net copy: fusing and attaching change its modules
+    if ecfg.fuse_qkv or ecfg.adapter:
+        unet = copy.deepcopy(unet)
+    # 2. fused QKV
+    if ecfg.fuse_qkv:
+        fuse_qkv(unet)
+    # 3. the temporal adapter, on that copy
+    lllite = None
+    if ecfg.adapter:
+        from .temporal import attach_adapter
+
+        lllite = attach_adapter(unet, stack, ecfg)
+    # 4. the fast text encoder (a static prompt encodes the text once, with the stock call)
+    fast_te = None
+    if ecfg.fast_te and not ecfg.static_prompt:
+        from .fast_te import FastTextEncoder
+
+        fast_te = FastTextEncoder(stack.text_encoder, stack.config.te_image_size, stack.config.hidden_states, ecfg.te_bucket)
+    vae = stack.vae
+
+    def velocity_step(x, source, t, states, mask, time_ids):
+        return velocity(unet, x, source, t, states, mask, time_ids)
+
+    def vae_encode_step(x01):
+        return vae_encode(vae, x01)
+
+    def vae_decode_step(latents):
+        return vae_decode(vae, latents)
+
+    def text_step(fast_te, frames):
+        return fast_te(frames)
+
+    steps = Steps(unet, lllite, fast_te, velocity_step, vae_encode_step, vae_decode_step, text_step)
+    # 5. compiled graphs
+    if compiled:
+        steps = compile_steps(steps, stack.device, ecfg.cuda_graphs, backend, ecfg.side_graphs)
+    return steps
+
+
+def compile_steps(steps: Steps, device: torch.device, cuda_graphs: bool = True, backend: str = "inductor",
+                  side_graphs: bool = True) -> Steps:  # fmt: skip
+    """`steps` with each callable compiled: main-stream steps as CUDA graphs (reduce-overhead),
+    side-stream steps replayed by `StreamGraph`."""
+    on_cuda = device.type == "cuda"
     main_mode = "reduce-overhead" if (on_cuda and cuda_graphs and backend == "inductor") else None
 
     def comp(fn, mode=None):
@@ -117,11 +198,10 @@ def compile_steps(steps, cuda_graphs: bool = True, backend: str = "inductor", si
     def side(fn):
         return StreamGraph(comp(fn)) if (on_cuda and side_graphs) else comp(fn)
 
-    steps.velocity = comp(steps.velocity, main_mode)
-    steps.vae_decode = comp(steps.vae_decode, main_mode)
-    steps.vae_encode = side(steps.vae_encode)
-    steps.text = side(steps.text)
-    steps.compiled = True
+    return dataclasses.replace(
+        steps, velocity=comp(steps.velocity, main_mode), vae_decode=comp(steps.vae_decode, main_mode),
+        vae_encode=side(steps.vae_encode), text=side(steps.text), compiled=True,
+    )  # fmt: skip
 
 
 class StreamGraph:

@@ -1,8 +1,11 @@
-"""One clip, end to end: video → batches → stylizer → video. The one place that wires the rest.
+"""The one place that wires a run: video → batches → stylizer → video.
 
-    stack = load_stack(model_config("tiny"))
-    stylizer = make_stylizer(stack, PipelineConfig(prompt="..."), device)
+    stack = load_stack(model_config("tiny"), "cpu")
+    stylizer = build_stylizer(stack, PipelineConfig(prompt="..."), EngineConfig())
     stats = stylize_video("in.mp4", "out.mp4", stylizer, OutputConfig())
+
+`build_stylizer` decides between the streaming engine and the plain reference path, and whether
+to compile; `stylize_video` runs one clip through whichever it got (both are a `Stylizer`).
 """
 
 from __future__ import annotations
@@ -10,26 +13,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 
 from . import video
-from .config import EngineConfig, PipelineConfig
+from .config import EngineConfig, OutputConfig, PipelineConfig
 from .writer import VideoWriter
 
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """How the output video is written and how an image-folder input is timed."""
-
-    crf: int = 18
-    preset: str = "medium"
-    audio: bool = True
-    fps: float | None = None  # frame rate of a numbered-image folder (default 24)
-    realtime: bool = False  # decode no faster than the timestamps (a live source; for latency)
+__all__ = ["OutputConfig", "Progress", "RunStats", "Stylizer", "build_stylizer", "stylize_video"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +57,25 @@ class RunStats:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+class Stylizer(Protocol):
+    """What `stylize_video` drives: the engine (engine.py) and the reference path (reference.py)."""
+
+    cfg: PipelineConfig
+    ring: object | None  # a buffers.HostRing for the decoder to fill, or None
+
+    def output_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]: ...
+
+    def prepare(self, in_hw: tuple[int, int], status: Callable[[str], None] | None = None) -> None: ...
+
+    def reset(self, sink: Callable[[video.FrameBatch], None] | None = None) -> None: ...
+
+    def feed(self, batch: video.FrameBatch) -> list[video.FrameBatch]: ...
+
+    def flush(self) -> list[video.FrameBatch]: ...
+
+    def close(self) -> None: ...
+
+
 def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
     """(p50, p95) in milliseconds; nan when empty."""
     if not seconds:
@@ -70,21 +84,35 @@ def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 95))
 
 
-def make_stylizer(stack, cfg: PipelineConfig, ecfg: EngineConfig | None = None, frames_hint: int | None = None):
-    """The streaming engine on CUDA (compiled when `ecfg.compile` says so for about
-    `frames_hint` frames); the plain reference path on the CPU unless an EngineConfig is given."""
+def build_stylizer(stack, cfg: PipelineConfig, ecfg: EngineConfig = EngineConfig(),
+                   clips: Sequence[Path] = (), fps: float | None = None) -> Stylizer:  # fmt: skip
+    """The streaming engine on CUDA, or wherever an engine option differs from the defaults;
+    the plain reference path otherwise. Compiled when `ecfg.compile` says so: "auto" compiles on
+    CUDA when `clips` (probed only then) are long enough to repay it."""
     from .reference import ReferenceStylizer
 
-    if ecfg is None and stack.device.type != "cuda":
+    if stack.device.type != "cuda" and ecfg == EngineConfig():
         return ReferenceStylizer(stack, cfg)
     from .engine import Engine
     from .optimize import should_compile
 
-    ecfg = ecfg or EngineConfig()
     engine = Engine(stack, cfg, ecfg)
-    if should_compile(ecfg.compile, stack.device, frames_hint, warm=_any_warm_cache()):
+    frames = _frames_in(clips, fps) if ecfg.compile == "auto" and stack.device.type == "cuda" else None
+    if should_compile(ecfg.compile, stack.device, frames, warm=_any_warm_cache()):
         engine.enable_compile()
     return engine
+
+
+def _frames_in(clips: Sequence[Path], fps: float | None) -> int:
+    """About how many frames the run will stylize; a clip that cannot be probed counts as 0 (it is
+    reported when its turn comes)."""
+    total = 0
+    for clip in clips:
+        try:
+            total += video.probe(clip, fps).frames or 0
+        except Exception:  # noqa: BLE001
+            pass
+    return total
 
 
 def _any_warm_cache() -> bool:
@@ -93,10 +121,31 @@ def _any_warm_cache() -> bool:
     return any((cache_root() / "compiled").glob("*.bin"))
 
 
+class _Output:
+    """Where finished batches go: the writer, the latency record and the progress callback. Called
+    on the stylizer's hand-back thread; read by the caller only after `flush()` returns."""
+
+    def __init__(self, writer: VideoWriter, total: int | None, on_progress):
+        self.writer, self.total, self.on_progress = writer, total, on_progress
+        self.latencies: list[float] = []
+        self.done = 0
+        self.first_decoded: float | None = None  # set by the feeding thread before any batch comes back
+        self.first_output: float | None = None
+
+    def __call__(self, batch: video.FrameBatch) -> None:
+        self.writer.write(batch.frames, batch.pts)
+        now = time.perf_counter()
+        self.first_output = self.first_output or now
+        self.latencies.extend(now - t for t in batch.decoded_at)
+        self.done += len(batch.pts)
+        if self.on_progress:
+            self.on_progress(Progress(self.done, self.total, now - self.first_decoded))
+
+
 def stylize_video(
     src: str | Path,
     dst: str | Path,
-    stylizer,
+    stylizer: Stylizer,
     out: OutputConfig = OutputConfig(),
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RunStats:
@@ -105,42 +154,28 @@ def stylize_video(
     complete; on any error or interrupt it is left as it was."""
     started = time.perf_counter()
     info = video.probe(src, out.fps)
-    out_h, out_w = stylizer.output_hw((info.display_height, info.display_width))
+    in_hw = (info.display_height, info.display_width)
+    out_h, out_w = stylizer.output_hw(in_hw)
     target = dataclasses.replace(info, display_width=out_w, display_height=out_h)  # crop mode: the square
-    stylizer.reset()
-    latencies: list[float] = []
-    first = first_output = None
-    done = 0
-
-    def emit(batch: video.FrameBatch) -> None:
-        nonlocal done, first_output
-        writer.write(batch.frames, batch.pts)
-        now = time.perf_counter()
-        first_output = first_output or now - started
-        latencies.extend(now - t for t in batch.decoded_at)
-        done += len(batch.pts)
-        if on_progress:
-            on_progress(Progress(done, info.frames, now - first))
-
-    threaded = hasattr(stylizer, "start_sink")  # the engine hands batches back as soon as they are done
+    status = (lambda s: on_progress(Progress(0, info.frames, 0.0, s))) if on_progress else None
+    stylizer.prepare(in_hw, status)  # one-time per frame size (compile), before any frame is decoded
     with VideoWriter(dst, target, crf=out.crf, preset=out.preset, audio=out.audio) as writer:
-        if threaded:
-            stylizer.start_sink(emit)
+        output = _Output(writer, info.frames, on_progress)
+        stylizer.reset(sink=output)
         try:
-            for batch in video.read_batches(info, stylizer.cfg.batch_size, realtime=out.realtime):
-                first = first or batch.decoded_at[0]
-                if on_progress and getattr(stylizer, "warming_up", lambda hw: False)(batch.frames.shape[1:3]):
-                    on_progress(Progress(done, info.frames, time.perf_counter() - first, "compiling (one-time, cached)"))
-                for ready in stylizer.feed(batch):
-                    emit(ready)
-            for ready in stylizer.flush():
-                emit(ready)
-        finally:
-            if threaded:
-                stylizer.stop_sink()
+            batches = video.read_batches(info, stylizer.cfg.batch_size, realtime=out.realtime, ring=stylizer.ring)
+            for batch in batches:
+                output.first_decoded = output.first_decoded or batch.decoded_at[0]
+                stylizer.feed(batch)
+            stylizer.flush()
+        except BaseException:
+            stylizer.reset()  # drop what is in flight before the writer discards its file
+            raise
+    first = output.first_decoded
     seconds = time.perf_counter() - first if first else 0.0
-    p50, p95 = percentiles_ms(latencies)
+    p50, p95 = percentiles_ms(output.latencies)
     return RunStats(
-        src=str(src), dst=str(dst), frames=done, seconds=seconds, fps=done / seconds if seconds else 0.0,
-        latency_p50_ms=p50, latency_p95_ms=p95, width=out_w, height=out_h, first_output_s=first_output or 0.0,
+        src=str(src), dst=str(dst), frames=output.done, seconds=seconds, fps=output.done / seconds if seconds else 0.0,
+        latency_p50_ms=p50, latency_p95_ms=p95, width=out_w, height=out_h,
+        first_output_s=(output.first_output - started) if output.first_output else 0.0,
     )  # fmt: skip

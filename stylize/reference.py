@@ -47,6 +47,25 @@ def geometry(in_hw: tuple[int, int], size: int, multiple: int, crop: str = "none
     return Geometry(in_hw, None, (wh, ww))
 
 
+def latent_multiple(unet) -> int:
+    """What the working sides must be multiples of: the VAE's ×8, then the U-Net's downsamplings."""
+    return 8 * 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def pad_batch(frames_bhwc: np.ndarray, batch_size: int) -> np.ndarray:
+    """Static shapes: a short batch padded by repeating its last frame (trimmed after)."""
+    real = len(frames_bhwc)
+    if real >= batch_size:
+        return frames_bhwc
+    return np.concatenate([frames_bhwc, np.repeat(frames_bhwc[-1:], batch_size - real, axis=0)])
+
+
+def prompt_tokens(stack, prompt: str) -> PromptTokens:
+    """The instruction tokenised as the stack's text encoder reads it (fixed-length padding)."""
+    cfg = stack.config
+    return tokenize_prompt(stack.tokenizer, stack.text_encoder.config, prompt, cfg.te_image_size, cfg.prompt_max_tokens)
+
+
 def resize(x_bchw: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """Bicubic, antialiased when shrinking; a no-op at the same size."""
     if tuple(x_bchw.shape[-2:]) == tuple(hw):
@@ -129,18 +148,23 @@ class ReferenceStylizer:
 
     def __init__(self, stack: ModelStack, cfg: PipelineConfig):
         self.stack, self.cfg = stack, cfg
-        unet_cfg = stack.unet.config
-        self.multiple = 8 * 2 ** (len(unet_cfg.block_out_channels) - 1)  # VAE ×8, then U-Net downsamples
-        self.tokens: PromptTokens = tokenize_prompt(
-            stack.tokenizer, stack.text_encoder.config, cfg.prompt,
-            stack.config.te_image_size, stack.config.prompt_max_tokens,
-        )  # fmt: skip
+        self.multiple = latent_multiple(stack.unet)
+        self.tokens: PromptTokens = prompt_tokens(stack, cfg.prompt)
+        self.ring = None  # frames come as they are; a short batch is padded here
         self.reset()
 
-    def reset(self) -> None:
-        """Start a new clip: the same seed gives the same noise."""
+    def reset(self, sink=None) -> None:
+        """Start a new clip: the same seed gives the same noise. With a `sink`, each stylized
+        FrameBatch goes to `sink(batch)` and `feed` returns nothing."""
         self.generator = torch.Generator(self.stack.device).manual_seed(self.cfg.seed)
         self.noise_cache: dict = {}
+        self.sink = sink
+
+    def prepare(self, in_hw: tuple[int, int], status=None) -> None:
+        """Nothing to get ready: the plain path compiles nothing."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     # -- the per-frame math ------------------------------------------------------------------
 
@@ -183,8 +207,14 @@ class ReferenceStylizer:
         return geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop).out_hw
 
     def feed(self, batch):
-        """Stylize a decoded FrameBatch; returns the batches ready for the encoder (here: this one)."""
-        return [replace(batch, frames=self.stylize(batch.frames))]
+        """Stylize a decoded FrameBatch; returns the batches ready for the encoder (here: this one,
+        or nothing with a sink, which has had it)."""
+        done = replace(batch, frames=self.stylize(batch.frames), slot=None)
+        batch.release()
+        if self.sink is not None:
+            self.sink(done)
+            return []
+        return [done]
 
     def flush(self):
         """Nothing is held back on the sequential path."""
@@ -199,10 +229,7 @@ class ReferenceStylizer:
         outs = []
         for start in range(0, n, bs):
             chunk = frames_bhwc_uint8[start : start + bs]
-            real = len(chunk)
-            if real < bs:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - real, axis=0)])
-            outs.append(self._stylize_batch(chunk)[:real])
+            outs.append(self._stylize_batch(pad_batch(chunk, bs))[: len(chunk)])
         return np.concatenate(outs) if outs else frames_bhwc_uint8[:0]
 
     def _stylize_batch(self, frames_bhwc_uint8: np.ndarray) -> np.ndarray:

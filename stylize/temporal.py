@@ -19,6 +19,7 @@ import torch
 from .config import EngineConfig
 from .flow import flow_pool, grey, start_flows, wait, warp
 from .models.lllite import TemporalLLLite, load_lllite
+from .schedule import RefreshSchedule
 
 INPUT = "input"  # a refresh conditioned on the input frames themselves
 
@@ -50,7 +51,7 @@ class TemporalConditioner:
         self.reset()
 
     def reset(self) -> None:
-        self.since_refresh: int | None = None  # None: the next batch refreshes
+        self.schedule = RefreshSchedule(self.ecfg.adapter_refresh_every)
         self.prev_out: torch.Tensor | None = None  # the last stylized frame (1, 3, h, w) in [0, 1]
         self.prev_grey: np.ndarray | None = None  # the last input frame, grey, working resolution
 
@@ -63,10 +64,7 @@ class TemporalConditioner:
         """For the batch about to run: None (no refresh), INPUT, or its flows, started on the flow
         threads (from each of its frames to the previous batch's last input frame); `apply`
         collects them, after the batch's side-stream work has been issued."""
-        n = self.since_refresh
-        due = n is None or cut or n + 1 >= self.ecfg.adapter_refresh_every
-        self.since_refresh = 0 if due else n + 1
-        if not due:
+        if not self.schedule.step(cut):
             return None
         if self.prev_out is None or cut:
             return INPUT
@@ -107,7 +105,7 @@ class TemporalConditioner:
         """Keep this batch's last output (1, 3, h, w) and input frame when the next batch's
         refresh is due by the period (a refresh after a cut uses its input frames): the grey
         conversion runs on the feeding thread, so only where it is needed."""
-        if self.since_refresh + 1 < self.ecfg.adapter_refresh_every:
+        if not self.schedule.next_is_periodic:
             return
         self.prev_out = last_out01.clone()  # clone: CUDA-graph outputs are overwritten by the next replay
         self.prev_grey = grey(last_frame, geo.work_hw, geo.crop)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
 import threading
 import time
@@ -31,6 +30,7 @@ from PIL import Image, ImageOps
 
 from stylize.errors import InputError, UsageError
 from stylize.formats import IMAGE_SUFFIXES
+from stylize.threads import produce
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,20 @@ class VideoInfo:
 @dataclass
 class FrameBatch:
     """frames: uint8 RGB (B, H, W, 3), display orientation; pts: B ints in the source
-    time_base; decoded_at: B time.perf_counter() stamps, taken when each frame was ready."""
+    time_base; decoded_at: B time.perf_counter() stamps, taken when each frame was ready.
+    slot: the ring buffer `frames` lives in (`buffers.Slot`: batch-sized, pinned, a short batch
+    padded), or None; whoever consumes the batch calls `release` once nothing reads it any more."""
 
     frames: np.ndarray
     pts: list[int]
     decoded_at: list[float]
+    slot: object | None = field(default=None, repr=False)
+
+    def release(self, after=None) -> None:
+        """Hand the ring buffer back (refilled only once the CUDA event `after` has fired)."""
+        if self.slot is not None:
+            self.slot.release(after)
+            self.slot = None
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -232,54 +241,55 @@ def _video_frames(info: VideoInfo, stop: threading.Event) -> Iterator[tuple[np.n
             raise InputError(f"{info.path}: decoding failed after pts {previous} ({exc})") from exc
 
 
-def _produce(info: VideoInfo, batch_size: int, out: queue.Queue, room: threading.Semaphore,
-             stop: threading.Event) -> None:
-    """Decode-thread body: puts FrameBatch items, then None, or the exception that ended it.
-    A batch is decoded only once there is room for it (`room`, released by the consumer as it
-    takes one), not decoded and then held: a frame's latency starts when it is decoded, and a
-    batch held back would add a whole batch period to it."""
+def _batches(info: VideoInfo, batch_size: int, ring, stop: threading.Event) -> Iterator[FrameBatch]:
+    """Decoded frames gathered into FrameBatch items, each filled only once the consumer has room
+    for it (`threads.produce`): a frame's latency starts when it is decoded, and a batch held back
+    would add a whole batch period to it. With a `ring`, each batch lands in one of its reused
+    (pinned) batch-sized buffers, a short last batch padded by repeating its last frame."""
+    batch = None
+    for image, stamp in _video_frames(info, stop):
+        if batch is None:
+            batch = _new_batch(info, batch_size, ring, stop)
+            if batch is None:
+                return
+        batch.frames[len(batch.pts)] = image
+        batch.pts.append(stamp)
+        batch.decoded_at.append(time.perf_counter())
+        if len(batch.pts) == batch_size:
+            yield batch
+            batch = None
+    if batch is not None:
+        real = len(batch.pts)
+        if batch.slot is not None:
+            batch.slot.array[real:] = batch.slot.array[real - 1]  # static shapes downstream
+        batch.frames = batch.frames[:real]
+        yield batch
 
-    def wait_for_room() -> bool:
-        while not stop.is_set():
-            if room.acquire(timeout=0.1):
-                return True
-        return False
 
+def _new_batch(info: VideoInfo, batch_size: int, ring, stop: threading.Event) -> FrameBatch | None:
     shape = (batch_size, info.display_height, info.display_width, 3)
-    batch = FrameBatch(np.empty(shape, np.uint8), [], [])
-    try:
-        if not wait_for_room():
-            return
-        for image, stamp in _video_frames(info, stop):
-            batch.frames[len(batch.pts)] = image
-            batch.pts.append(stamp)
-            batch.decoded_at.append(time.perf_counter())
-            if len(batch.pts) == batch_size:
-                out.put(batch)
-                if not wait_for_room():
-                    return
-                batch = FrameBatch(np.empty(shape, np.uint8), [], [])
-        if batch.pts:
-            batch.frames = batch.frames[:len(batch.pts)]
-            out.put(batch)
-        out.put(None)
-    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-        out.put(exc)
+    if ring is None:
+        return FrameBatch(np.empty(shape, np.uint8), [], [])
+    slot = ring.acquire(shape, stop)
+    return None if slot is None else FrameBatch(slot.array, [], [], slot)
 
 
 def read_batches(path_or_info: str | os.PathLike | VideoInfo, batch_size: int,
-                 fps: Fraction | float | None = None, realtime: bool = False) -> Iterator[FrameBatch]:
+                 fps: Fraction | float | None = None, realtime: bool = False,
+                 ring=None) -> Iterator[FrameBatch]:
     """FrameBatch items of batch_size frames (the last may be shorter), every frame once.
 
     Probes now (InputError is raised here). Decoding starts at the first next() on a background
     thread a few batches ahead; closing the iterator (close(), break) stops and joins it.
     realtime: deliver frames no sooner than their timestamps say (as a live source, or ffmpeg's
     -re); each frame's decoded_at is then the moment it would have arrived.
+    ring: a `buffers.HostRing` whose reused (pinned) batch-sized buffers the frames land in; the
+    consumer hands each back with `batch.release()`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     info = path_or_info if isinstance(path_or_info, VideoInfo) else probe(path_or_info, fps)
-    batches = _consume(info, batch_size)
+    batches = _consume(info, batch_size, ring)
     return _paced(batches, info.time_base) if realtime else batches
 
 
@@ -299,19 +309,5 @@ def _paced(batches: Iterator[FrameBatch], time_base: Fraction) -> Iterator[Frame
         batches.close()
 
 
-def _consume(info: VideoInfo, batch_size: int) -> Iterator[FrameBatch]:
-    out: queue.Queue = queue.Queue()  # bounded by `room`: DECODE_AHEAD batches, then None or an error
-    room = threading.Semaphore(DECODE_AHEAD)
-    stop = threading.Event()
-    worker = threading.Thread(target=_produce, args=(info, batch_size, out, room, stop),
-                              name=f"decode:{info.path.name}", daemon=True)
-    worker.start()
-    try:
-        while (item := out.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            room.release()  # taken: the decoder may start the next batch
-            yield item
-    finally:
-        stop.set()  # the decoder notices within 0.1 s, between frames or while waiting for room
-        worker.join()
+def _consume(info: VideoInfo, batch_size: int, ring=None) -> Iterator[FrameBatch]:
+    return produce(lambda stop: _batches(info, batch_size, ring, stop), f"decode:{info.path.name}", DECODE_AHEAD)

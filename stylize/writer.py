@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
-import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,13 +24,14 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from stylize.errors import OutputError
+from stylize.threads import Pipe
 from stylize.video import VideoInfo, open_input
 
 log = logging.getLogger(__name__)
 
 MP4_AUDIO_COPY = frozenset({"aac", "mp3", "alac", "opus", "ac3", "eac3", "flac"})
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
-QUEUE_BATCHES = 3  # batches waiting for the encode thread
+QUEUE_BATCHES = 4  # batches handed to the encode thread and not yet encoded
 
 
 class _AudioPump:
@@ -129,9 +128,7 @@ class VideoWriter:
         self.written, self.durations = 0, {}
         self.shift = info.ticks(info.start_time)
         self.sws = VideoReformatter()
-        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
-        self.worker: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.pipe: Pipe | None = None  # to the encode thread
         self.queued_last_pts = None
 
     def __enter__(self) -> VideoWriter:
@@ -144,25 +141,8 @@ class VideoWriter:
             if isinstance(exc, (av.FFmpegError, OSError)):
                 raise OutputError(f"{self.dst}: cannot write here ({exc})") from exc
             raise
-        self.worker = threading.Thread(target=self._work, name=f"encode:{self.dst.name}", daemon=True)
-        self.worker.start()
+        self.pipe = Pipe(lambda item: self._write_now(*item), f"encode:{self.dst.name}", limit=QUEUE_BATCHES + 1)
         return self
-
-    def _work(self) -> None:
-        """The encode thread: frames off the queue into the container until the None sentinel."""
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self._write_now(*item)
-                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-                    self.error = exc
-
-    def _stop_worker(self) -> None:
-        if self.worker is None:
-            return
-        self.queue.put(None)
-        self.worker.join()
-        self.worker = None
 
     def _open(self) -> None:
         info = self.info
@@ -196,9 +176,7 @@ class VideoWriter:
             if self.queued_last_pts is not None and stamp <= self.queued_last_pts:
                 raise ValueError(f"timestamps must increase: {stamp} after {self.queued_last_pts}")
             self.queued_last_pts = stamp
-        if self.error is not None:
-            raise self.error
-        self.queue.put((frames, pts))  # blocks only when the encoder is a few batches behind
+        self.pipe.put((frames, pts))  # waits only when the encoder is a few batches behind
 
     def _write_now(self, frames: np.ndarray, pts: list[int]) -> None:
         for image, stamp in zip(frames, pts):
@@ -264,11 +242,9 @@ class VideoWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
-            if exc_type is not None:
-                self.error = self.error or exc  # the thread skips what is left in the queue
-            self._stop_worker()
-            if exc_type is None and self.error is not None:
-                raise self.error
+            if self.pipe is not None:  # failing: the thread skips what is left; else its error is raised
+                pipe, self.pipe = self.pipe, None
+                pipe.close(discard=exc_type is not None)
             if exc_type is None:
                 self._finish()
         except (av.FFmpegError, OSError) as error:

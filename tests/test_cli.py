@@ -282,11 +282,11 @@ def test_unreachable_default_model_is_one_line(clip, monkeypatch):
 
 
 def test_run_length_is_only_probed_for_compile_auto_on_cuda(clip, monkeypatch):
-    import stylize.cli as cli
+    import stylize.pipeline as pipeline
 
     def probing(*a, **k):
         raise AssertionError("probed every clip for a hint nobody uses")
 
-    monkeypatch.setattr(cli, "_frames_hint", probing)
+    monkeypatch.setattr(pipeline, "_frames_in", probing)
     r = invoke(clip, "--style", "oil", "--device", "cpu", *FAST)
     assert r.exit_code == 0, r.output

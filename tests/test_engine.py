@@ -17,6 +17,7 @@ from stylize.fast_te import FastTextEncoder
 from stylize.models.text_encoder import encode, tokenize_prompt
 from stylize.reference import ReferenceStylizer, geometry
 from stylize.video import FrameBatch
+from tests.conftest import write_clip
 
 OIL = "transfer this to oil painting style, vibrant colors"
 WATER = "transfer this to watercolor painting style"
@@ -44,7 +45,7 @@ def count_text_calls(engine):
         calls.append(frames.shape[0])
         return text(fast_te, frames)
 
-    engine.steps.text = counted
+    engine.use(dataclasses.replace(engine.steps, text=counted))  # a whole new Steps, swapped in
     return calls
 
 
@@ -144,7 +145,7 @@ def test_nothing_leaks_between_clips(tiny_stack):
     engine.reset()
     again = run(engine, a, bs=2)
     assert np.array_equal(first, again)
-    assert not engine.pending
+    assert not engine.ready and engine.handback.unhandled == 0
 
 
 def test_compiled_engine_no_graph_breaks_no_recompiles(tiny_stack):
@@ -156,12 +157,12 @@ def test_compiled_engine_no_graph_breaks_no_recompiles(tiny_stack):
     cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
     engine = Engine(tiny_stack, cfg, EngineConfig(te_refresh_every=2, scene_cut=0))
     engine.enable_compile(backend="aot_eager")
-    oil_shape = engine.fast_te.prompt_shape
+    oil_shape = engine.steps.fast_te.prompt_shape
     frames = _clip(6, seed=3)
     with dynamo.config.patch(error_on_recompile=True):
         compiled = run(engine, frames, bs=2)  # refresh, reuse, refresh
         engine.set_prompt(WATER)
-        assert engine.fast_te.prompt_shape == oil_shape  # same bucket: same static shapes
+        assert engine.steps.fast_te.prompt_shape == oil_shape  # same bucket: same static shapes
         run(engine, frames[:4], bs=2)
         engine.reset()
         run(engine, frames[:2], bs=2)
@@ -189,7 +190,7 @@ def test_stylize_video_through_the_engine_sink(tiny_stack, tmp_path):
     out = OutputConfig(crf=0, preset="ultrafast")
     engine = Engine(tiny_stack, cfg)
     stats = stylize_video(src, tmp_path / "engine.mp4", engine, out)
-    assert engine.sink is None and stats.frames == 11 and stats.latency_p50_ms > 0
+    assert engine.handback.unhandled == 0 and stats.frames == 11 and stats.latency_p50_ms > 0
     stylize_video(src, tmp_path / "ref.mp4", ReferenceStylizer(tiny_stack, cfg), out)
     a = np.concatenate([b.frames for b in video.read_batches(tmp_path / "engine.mp4", 16)])
     b = np.concatenate([b.frames for b in video.read_batches(tmp_path / "ref.mp4", 16)])
@@ -209,7 +210,7 @@ def test_feed_waits_while_in_flight_batches_are_not_handed_back(tiny_stack, in_f
         release.acquire()
         got.append(batch.pts)
 
-    engine.start_sink(slow_sink)
+    engine.reset(sink=slow_sink)
     frames = _clip(2 * (in_flight + 1))
     returned = []
 
@@ -232,7 +233,7 @@ def test_feed_waits_while_in_flight_batches_are_not_handed_back(tiny_stack, in_f
             release.release()
         thread.join(10)
         engine.flush()
-        engine.stop_sink()
+        engine.close()
     assert returned == list(range(in_flight + 1)) and len(got) == in_flight + 1
 
 
@@ -243,13 +244,13 @@ def test_sink_errors_reach_the_caller(tiny_stack):
     def broken(batch):
         raise OSError("disk full")
 
-    engine.start_sink(broken)
+    engine.reset(sink=broken)
     frames = _clip(4)
     with pytest.raises(OSError, match="disk full"):
         for s in (0, 2):
             engine.feed(FrameBatch(frames[s : s + 2], [s, s + 1], [0.0, 0.0]))
         engine.flush()
-    engine.stop_sink()
+    engine.close()
 
 
 # -- the temporal adapter in the engine ------------------------------------------------------
@@ -260,7 +261,7 @@ def _adapter_engine(stack, **kw):
 
     cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
     engine = Engine(stack, cfg, EngineConfig(adapter="random", scene_cut=0, **kw))
-    _randomise(engine.lllite, seed=1)  # released weights start with up = 0; make it act
+    _randomise(engine.steps.lllite, seed=1)  # released weights start with up = 0; make it act
     return engine
 
 
@@ -307,7 +308,7 @@ def test_scene_cut_refreshes_adapter_with_input_frames(tiny_stack):
 
     cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
     engine = Engine(tiny_stack, cfg, EngineConfig(adapter="random", adapter_refresh_every=100))
-    _randomise(engine.lllite)
+    _randomise(engine.steps.lllite)
     kinds = []
     real_apply = engine.temporal.apply
     engine.temporal.apply = lambda prepared, x01: (kinds.append(isinstance(prepared, str)), real_apply(prepared, x01))
@@ -403,3 +404,40 @@ def test_stream_graph_signature_follows_shapes_and_buffer_addresses():
     assert _signature(x.t()) != before[1]  # same shape, other strides
     m.register_buffer("w", torch.zeros(4))
     assert _signature(m) != before[0]
+
+
+def test_ring_buffers_give_the_same_output_with_adapter_and_scene_cuts(tiny_stack, tmp_path):
+    """The decoder's pinned, batch-sized ring buffers (reused, a short batch padded in place) give
+    exactly what batches of fresh arrays give, with the adapter's flows and reference frames
+    reading them and a scene cut mid-clip; the ring is reused, not grown."""
+    from tests.test_lllite import _randomise
+
+    from stylize import video
+    from stylize.engine import RING_SLOTS
+    from stylize.writer import VideoWriter
+
+    frames = np.concatenate([_clip(6, seed=7) // 4, 255 - _clip(7, seed=8) // 4])  # a cut between batches 2 and 3
+    src = tmp_path / "cut.mp4"
+    info = dataclasses.replace(video.probe(write_clip(tmp_path / "seed.mp4", frames=2, size=(80, 48))), frames=13)
+    with VideoWriter(src, info, crf=0, preset="ultrafast", audio=False) as w:
+        w.write(frames, [i * info.nominal_ticks for i in range(13)])
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=3)
+    engine = Engine(tiny_stack, cfg, EngineConfig(adapter="random", adapter_refresh_every=2))
+    _randomise(engine.steps.lllite)
+    kinds = []
+    real_apply = engine.temporal.apply
+    engine.temporal.apply = lambda prepared, x01: (kinds.append(isinstance(prepared, str)), real_apply(prepared, x01))
+
+    def outputs(ring):
+        engine.reset()
+        got = []
+        for batch in video.read_batches(src, 3, ring=ring):
+            got += engine.feed(batch)
+        got += engine.flush()
+        return np.concatenate([b.frames for b in got])
+
+    with_ring, without = outputs(engine.ring), outputs(None)
+    assert kinds[:3] == [True, True, False]  # batch 0 and the cut at batch 2 refresh from input frames, 4 warps
+    assert with_ring.shape == (13, 48, 80, 3) and np.array_equal(with_ring, without)
+    assert engine.ring.made <= RING_SLOTS
+    engine.close()

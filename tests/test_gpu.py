@@ -62,10 +62,10 @@ def test_compiled_cuda_graphs_no_recompiles(cuda_tiny):
     frames = _clip(6, seed=3)
     with dynamo.config.patch(error_on_recompile=True):
         compiled = run(engine, frames, bs=2)
-        oil_states = engine.states.clone()
+        oil_states = engine.clip.states.clone()
         engine.set_prompt(WATER)  # same length bucket: the side graphs replay over the updated buffers
         water = run(engine, frames[:4], bs=2)
-        water_states = engine.states.clone()
+        water_states = engine.clip.states.clone()
         engine.reset()
         again = run(engine, frames[:2], bs=2)
     # the side-stream steps ran as CUDA graphs: captured on their second call, replayed after
@@ -77,7 +77,7 @@ def test_compiled_cuda_graphs_no_recompiles(cuda_tiny):
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2
     assert np.abs(water.astype(int) - eager_water.astype(int)).max() <= 2
     # the replayed text encoder read the new prompt (a tiny model's output barely shows it)
-    torch.testing.assert_close(water_states, eager_engine.states, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(water_states, eager_engine.clip.states, rtol=1e-3, atol=1e-3)
     assert (water_states - oil_states).abs().max() > 1e-2
     assert np.abs(again.astype(int) - eager[:2].astype(int)).max() <= 2
     dynamo.reset()
@@ -160,7 +160,7 @@ def test_compiled_adapter_cuda_graphs_no_recompiles(cuda_tiny):
     cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
     ecfg = EngineConfig(adapter="random", adapter_refresh_every=2, te_refresh_every=2, scene_cut=0)
     engine = Engine(cuda_tiny, cfg, ecfg)
-    _randomise(engine.lllite)
+    _randomise(engine.steps.lllite)
     engine.enable_compile()
     frames = _clip(8, seed=6)
     with dynamo.config.patch(error_on_recompile=True):
@@ -168,7 +168,7 @@ def test_compiled_adapter_cuda_graphs_no_recompiles(cuda_tiny):
     # the side stream replays its CUDA graphs beside the U-Net's (the TE runs on batches 0 and 2)
     assert engine.steps.text.replays >= 1 and engine.steps.vae_encode.replays >= 3
     eager_engine = Engine(cuda_tiny, cfg, ecfg)
-    eager_engine.lllite.load_state_dict(engine.lllite.state_dict())
+    eager_engine.steps.lllite.load_state_dict(engine.steps.lllite.state_dict())
     eager = run(eager_engine, frames, bs=2)
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2
     dynamo.reset()

@@ -112,3 +112,18 @@ def test_presets_parse():
     assert {"dreamlite-mobile", "random-full", "tiny"} <= set(list_presets("models"))
     assert {"oil", "watercolor", "sketch", "anime"} <= set(list_presets("styles"))
     assert style_config("oil").prompt == "transfer this to oil painting style, vibrant colors"
+
+
+def test_stand_in_tokenizer_does_not_follow_the_style_presets(monkeypatch):
+    """The random stacks' tokenizer is trained on fixed text: adding a style preset must not change
+    the tiny model (it did, and a cached tiny stack then disagreed with a fresh build)."""
+    import stylize.config as config
+    from stylize.models.loading import build_tokenizer
+
+    before = build_tokenizer(600).get_vocab()
+    real = config.style_config
+    monkeypatch.setattr(config, "list_presets", lambda kind: ["oil", "extra"])
+    monkeypatch.setattr(
+        config, "style_config", lambda name: real("oil") if name == "oil" else config.StyleConfig(name, "a brand new zebra stripes style")
+    )
+    assert build_tokenizer(600).get_vocab() == before

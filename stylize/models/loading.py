@@ -185,10 +185,21 @@ def build_tokenizer(vocab_size: int = 2000):
     return tok
 
 
-def _style_prompts() -> list[str]:
-    from ..config import list_presets, style_config
+# The stand-in tokenizer's training text: fixed, so that the random stacks built from it (tiny,
+# random-full) stay the same when a style preset is added or reworded.
+TOKENIZER_PROMPTS = (
+    "transfer this to anime style, clean line art, flat cel shading",
+    "transfer this to a charcoal drawing, heavy strokes, smudged shadows",
+    "transfer this to oil painting style, vibrant colors",
+    "transfer this to pixel art style, 16-bit palette, crisp pixels",
+    "transfer this to a pencil sketch, black and white, fine hatching",
+    "transfer this to watercolor painting style, soft washes of color on paper",
+    "make it a charcoal sketch",
+)
 
-    return [style_config(n).prompt for n in list_presets("styles")] + ["make it a charcoal sketch"]
+
+def _style_prompts() -> list[str]:
+    return list(TOKENIZER_PROMPTS)
 
 
 def build_random_components(cfg: ModelConfig, device, dtype, tokenizer_vocab: int = 2000):
