@@ -302,6 +302,11 @@ def main() -> None:
     for clip in clips:
         r, t = evaluate_clip(clip, styles, candidates, sources, args, len(clips) * len(styles))
         records, timings = records + r, timings + t
+        summary = write_results(args, records, timings)  # after every clip: a killed run keeps what it did
+    print(table(rounded(summary), []))
+
+
+def write_results(args, records: list[dict], timings: list[dict]) -> list[dict]:
     summary = metrics.summarize(records)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -315,7 +320,7 @@ def main() -> None:
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(table(rounded(summary), rounded(records)))
-    print(table(rounded(summary), []))
+    return summary
 
 
 if __name__ == "__main__":
