@@ -256,6 +256,13 @@ def test_sink_errors_reach_the_caller(tiny_stack):
 # -- the temporal adapter in the engine ------------------------------------------------------
 
 
+def record_refresh_kinds(engine) -> list[bool]:
+    """Per adapter refresh: True when it conditioned on the input frames, False when it warped."""
+    kinds, real_apply = [], engine.temporal.apply
+    engine.temporal.apply = lambda prepared, x01: (kinds.append(isinstance(prepared, str)), real_apply(prepared, x01))
+    return kinds
+
+
 def _adapter_engine(stack, **kw):
     from tests.test_lllite import _randomise
 
@@ -288,9 +295,7 @@ def test_adapter_refresh_schedule_and_flow_for_the_batch_that_uses_it(tiny_stack
 
     monkeypatch.setattr(temporal_mod, "start_flows", recording)
     engine = _adapter_engine(tiny_stack, adapter_refresh_every=2)
-    conditions = []
-    real_apply = engine.temporal.apply
-    engine.temporal.apply = lambda prepared, x01: (conditions.append(isinstance(prepared, str)), real_apply(prepared, x01))
+    conditions = record_refresh_kinds(engine)
     levels = np.arange(8) * 30 + 10  # each frame a distinct flat grey level
     frames = np.stack([np.full((48, 80, 3), v, np.uint8) for v in levels])
     run(engine, frames, bs=2)  # batches 0..3: refresh at 0 (input frames) and 2 (warped)
@@ -309,9 +314,7 @@ def test_scene_cut_refreshes_adapter_with_input_frames(tiny_stack):
     cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
     engine = Engine(tiny_stack, cfg, EngineConfig(adapter="random", adapter_refresh_every=100))
     _randomise(engine.steps.lllite)
-    kinds = []
-    real_apply = engine.temporal.apply
-    engine.temporal.apply = lambda prepared, x01: (kinds.append(isinstance(prepared, str)), real_apply(prepared, x01))
+    kinds = record_refresh_kinds(engine)
     dark, bright = np.full((4, 48, 80, 3), 10, np.uint8), np.full((4, 48, 80, 3), 240, np.uint8)
     run(engine, np.concatenate([dark, bright]), bs=2)
     assert kinds == [True, True]  # the first batch and the cut, both from input frames
@@ -424,9 +427,7 @@ def test_ring_buffers_give_the_same_output_with_adapter_and_scene_cuts(tiny_stac
     cfg = PipelineConfig(prompt=OIL, size=64, batch_size=3)
     engine = Engine(tiny_stack, cfg, EngineConfig(adapter="random", adapter_refresh_every=2))
     _randomise(engine.steps.lllite)
-    kinds = []
-    real_apply = engine.temporal.apply
-    engine.temporal.apply = lambda prepared, x01: (kinds.append(isinstance(prepared, str)), real_apply(prepared, x01))
+    kinds = record_refresh_kinds(engine)
 
     def outputs(ring):
         engine.reset()
