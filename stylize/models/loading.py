@@ -118,12 +118,33 @@ def _check_local(root: Path, cfg: ModelConfig) -> None:
                 )
 
 
+PACKAGED = "package:"  # a source inside the installed stylize package, e.g. "package:weights/mini"
+
+
+def packaged_folder(source: str | None) -> Path | None:
+    """The folder a "package:<path>" source names inside the installed stylize package (found with
+    importlib.resources, so it works from a wheel as from the checkout); None for other sources."""
+    if not source or not source.startswith(PACKAGED):
+        return None
+    from importlib import resources
+
+    return Path(str(resources.files("stylize").joinpath(*source[len(PACKAGED) :].split("/"))))
+
+
 def _load_pretrained(cfg: ModelConfig, source: str | None, device, dtype) -> ModelStack:
     from diffusers import AutoencoderTiny, DreamLiteUNetModel, FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, Qwen3VLModel
 
     if not source:
         raise ModelError(f"model '{cfg.name}' names no source folder or hub id")
+    packaged = packaged_folder(source)
+    if packaged is not None:  # weights shipped in the package (mini): they exist once trained
+        if not any(packaged.glob("*/*.safetensors")):
+            raise ModelError(
+                f"model '{cfg.name}' is not trained yet: no weights in {packaged} (scripts/train_mini.py "
+                "writes them on the GPU machine); meanwhile use --model tiny, or --model DIR with the full weights"
+            )
+        source = str(packaged)
     local = Path(source).expanduser()
     is_local = local.exists() or source.startswith((".", "/", "~"))
     if is_local:

@@ -1,0 +1,163 @@
+"""`mini` (issue #13): its styles, its tokenizer, building its components and saving them.
+
+    tok = build_mini_tokenizer()                         # byte-level BPE on mini's prompts + aliases
+    unet, vae, te = build_mini_components(model_config("mini"), tok, seed=0)   # random-initialised
+    save_mini(folder, unet, vae, te, tok, meta)           # diffusers layout, fp16 safetensors
+
+`mini` is the full stack's classes at small sizes (stylize/presets/models/mini.yaml): one model for
+every style preset that has a teacher, the style chosen by the prompt its Qwen3-VL reads beside the
+frame. Its weights come only from GPU training (scripts/train_mini.py) and ship in the package
+under stylize/weights/mini/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.loading import DEFAULT_SCHEDULER, QWEN_SPECIAL_TOKENS
+
+# Other ways of asking for each style that mini should know (for the tokenizer and, once the config
+# grows an `aliases:` field per style preset, for matching a free-text --prompt to a style). Until
+# then they live here; the training step also reads the aliases as prompts, so the model answers
+# to them as it does to the preset's own prompt.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "oil": ("oil painting", "make it an oil painting", "paint it in oils", "oil paint"),
+    "watercolor": ("watercolour", "watercolor painting", "make it a watercolor", "paint it in watercolours"),
+    "sketch": ("pencil sketch", "pencil drawing", "make it a pencil sketch", "draw it in pencil"),
+    "charcoal": ("charcoal drawing", "make it a charcoal sketch", "charcoal sketch", "draw it in charcoal"),
+    "anime": ("anime", "cartoon", "make it look like an anime", "cel shading", "cel-shaded cartoon"),
+    "pixel-art": ("pixel art", "pixelated", "make it pixel art", "8-bit", "16-bit pixel art"),
+    "mosaic": ("mosaic", "tile mosaic", "make it a mosaic", "ceramic tiles"),
+    "stained-glass": ("stained glass", "make it stained glass", "a stained glass window"),
+    "starry-night": ("starry night", "van gogh", "in the style of van gogh", "swirling brushstrokes"),
+    "ink": ("ink wash", "ink drawing", "make it an ink drawing", "sumi-e", "brush and ink"),
+}
+
+
+def mini_styles() -> list[str]:
+    """The style presets mini learns: every one with a teacher, in name order."""
+    from ..config import list_presets, style_config
+
+    return [name for name in list_presets("styles") if style_config(name).teacher]
+
+
+def style_prompts(style: str) -> list[str]:
+    """The prompts a training sample of `style` may carry: the preset's prompt first, then its aliases."""
+    from ..config import style_config
+
+    return [style_config(style).prompt, *ALIASES.get(style, ())]
+
+
+def tokenizer_corpus() -> list[str]:
+    """What mini's tokenizer is trained on: every prompt and alias of every style in DreamLite's
+    edit template (so the template's own words are whole tokens too)."""
+    from ..models.text_encoder import EDIT_TEMPLATE, decorate
+
+    prompts = [p for style in mini_styles() for p in style_prompts(style)]
+    return [EDIT_TEMPLATE.format(decorate(p)) for p in prompts]
+
+
+def build_mini_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE (any text still tokenizes, byte by byte at worst) trained offline on
+    `tokenizer_corpus()`, with Qwen's special tokens, wrapped as the stock Qwen2 tokenizer class
+    (as `stylize.models.loading.build_tokenizer` makes the stand-in). Deterministic: the same
+    presets and aliases give the same vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_corpus(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=model["vocab"], merges=merges, unk_token=None, bos_token=None,
+        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    return tok
+
+
+def text_encoder_config(cfg, tokenizer):
+    """The Qwen3VLConfig of the preset's `text_encoder:` sizes, with the tokenizer's vocabulary
+    and special-token ids."""
+    from transformers import Qwen3VLConfig
+
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+    ]}  # fmt: skip
+    kwargs = json.loads(json.dumps(cfg.text_encoder))  # a deep copy
+    kwargs.setdefault("text_config", {})["vocab_size"] = len(tokenizer)
+    kwargs["text_config"]["pad_token_id"] = tokenizer.pad_token_id
+    return Qwen3VLConfig(**kwargs, **ids)
+
+
+def build_mini_components(cfg, tokenizer, seed: int = 0, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32):  # fmt: skip
+    """(unet, vae, text_encoder as Qwen3VLForConditionalGeneration) at the preset's sizes,
+    random-initialised from `seed`."""
+    from diffusers import AutoencoderTiny, DreamLiteUNetModel
+    from transformers import Qwen3VLForConditionalGeneration
+
+    te_config = text_encoder_config(cfg, tokenizer)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = DreamLiteUNetModel(**cfg.unet).to(dtype)
+        vae = AutoencoderTiny(**cfg.vae).to(dtype)
+        te = Qwen3VLForConditionalGeneration(te_config).to(dtype)
+    return unet, vae, te
+
+
+def unique_parameters(module: torch.nn.Module) -> int:
+    """Parameters stored once (tied weights, such as Qwen's embedding and lm_head, count once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def sizes(unet, vae, te) -> dict[str, Any]:
+    """Parameter counts per component and what the weights take in fp16 (2 bytes each)."""
+    counts = {
+        "unet": unique_parameters(unet),
+        "vae_encoder": unique_parameters(vae.encoder),
+        "vae_decoder": unique_parameters(vae.decoder),
+        "text_encoder_language": unique_parameters(te.model.language_model),
+        "text_encoder_vision": unique_parameters(te.model.visual),
+    }
+    total = sum(counts.values())
+    return {"params": counts, "total_params": total, "fp16_mb": round(total * 2 / 1e6, 2)}
+
+
+FP16_BUDGET_BYTES = 20_000_000  # issue #13: the shipped weights, all of them, in fp16
+
+
+def save_mini(folder: str | Path, unet, vae, te, tokenizer, meta: dict[str, Any] | None = None,
+              dtype: torch.dtype = torch.float16) -> Path:  # fmt: skip
+    """Write a loadable stack in diffusers layout (unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/), weights as `dtype` safetensors only, `meta` (seed, steps, data, commit, ...) as
+    mini.json beside them. Modules are copied, never cast in place."""
+    import copy
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    folder = Path(folder)
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", te)):
+        copy.deepcopy(module).to("cpu", dtype).save_pretrained(folder / name, safe_serialization=True)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    FlowMatchEulerDiscreteScheduler(**DEFAULT_SCHEDULER).save_pretrained(folder / "scheduler")
+    if meta is not None:
+        (folder / "mini.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return folder
+
+
+def weights_bytes(folder: str | Path) -> int:
+    """Bytes of every .safetensors file under `folder` (what the budget counts)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
