@@ -336,35 +336,6 @@ def test_compiled_engine_with_adapter_no_recompiles(tiny_stack):
     dynamo.reset()
 
 
-@pytest.mark.parametrize("method", ["dis", "dis-fast", "farneback"])
-def test_warp_follows_the_flow(method):
-    from stylize.flow import flow_to_previous, warp
-
-    rng = np.random.default_rng(0)
-    import cv2
-
-    base = cv2.GaussianBlur(rng.integers(0, 256, (64, 64), dtype=np.uint8), (0, 0), 2)
-    previous, current = base[:, :-3], base[:, 3:]  # the scene moved 3 px to the left
-    f = flow_to_previous(np.ascontiguousarray(current), np.ascontiguousarray(previous), method)
-    assert np.median(f[8:-8, 8:-8, 0]) == pytest.approx(3, abs=0.5)
-    prev_t = torch.from_numpy(previous.astype(np.float32))[None, None]
-    warped = warp(prev_t, torch.from_numpy(f)[None])[0, 0].numpy()
-    assert np.abs(warped[8:-8, 8:-12] - current[8:-8, 8:-12]).mean() < 4
-
-
-def test_compile_cache_key_tells_adapter_graphs_apart(tiny_stack):
-    """The adapter wraps the U-Net's projections: its compiled graphs must not be taken for the
-    plain engine's (nor one hook subset's for another's)."""
-    from stylize.optimize import config_key
-
-    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
-    plain = config_key(tiny_stack, cfg, EngineConfig(), (64, 64))
-    down = config_key(tiny_stack, cfg, EngineConfig(adapter="w.safetensors"), (64, 64))
-    every = config_key(tiny_stack, cfg, EngineConfig(adapter="w.safetensors", adapter_hooks="all"), (64, 64))
-    assert len({plain, down, every}) == 3
-    assert down == config_key(tiny_stack, cfg, EngineConfig(adapter="other.safetensors"), (64, 64))
-
-
 def test_flows_run_beside_the_feeding_thread(tiny_stack, monkeypatch):
     """`prepare` only starts the flows; the feeding thread collects them in `apply`, after issuing
     the batch's side-stream work, so a slow flow overlaps that work instead of preceding it."""
@@ -389,24 +360,6 @@ def test_flows_run_beside_the_feeding_thread(tiny_stack, monkeypatch):
     engine.temporal.apply(prepared, torch.rand(2, 3, *geo.work_hw))
     assert engine.temporal.flow_ms[-1] >= 300 and engine.temporal.flow_wait_ms[-1] <= engine.temporal.flow_ms[-1]
     engine.close()
-
-
-def test_stream_graph_signature_follows_shapes_and_buffer_addresses():
-    """What decides whether a side-stream CUDA graph can replay (optimize.StreamGraph): input
-    shapes, and the addresses of a module argument's buffers (copied in place: same graph;
-    re-created for a prompt of another length: a new capture). Replay itself is a GPU test."""
-    from stylize.optimize import _signature
-
-    m = torch.nn.Module()
-    m.register_buffer("w", torch.zeros(4))
-    x = torch.zeros(4, 4)
-    before = (_signature(m), _signature(x))
-    m.w.copy_(torch.ones(4))
-    assert (_signature(m), _signature(torch.ones(4, 4))) == before
-    assert _signature(torch.zeros(3, 4)) != before[1]
-    assert _signature(x.t()) != before[1]  # same shape, other strides
-    m.register_buffer("w", torch.zeros(4))
-    assert _signature(m) != before[0]
 
 
 def test_ring_buffers_give_the_same_output_with_adapter_and_scene_cuts(tiny_stack, tmp_path):
