@@ -208,3 +208,24 @@ def test_steps_and_noise_modes(tiny_stack):
     s.reset()
     c = s.stylize(frames)
     assert np.array_equal(a, c) and not np.array_equal(a, b)
+
+
+def test_patchify_makes_no_tensor_from_host_data():
+    """Inside a CUDA graph capture nothing may be copied from the host: patchify's normalisation
+    constants used to be made with new_tensor on every call (issue #14's first capture blocker)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from stylize.models.text_encoder import patchify
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        patchify(torch.rand(2, 3, 64, 64), 16, 2, 2)
+    assert not [n for n in ops.names if "lift_fresh" in n or "_to_copy" in n], ops.names

@@ -83,11 +83,11 @@ def tokenize_prompt(tokenizer, te_config, prompt: str, te_image_size: int, promp
 def patchify(frames_bchw: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
     """Pixel values for Qwen-VL from square frames (B, 3, S, S) float in [0, 1], already at the
     encoder's image size. Returns (B·gh·gw, 3·temporal·patch²) in the stock image processor's
-    layout: normalised, patches grouped by merge window, each image repeated `temporal` times."""
+    layout: normalised, patches grouped by merge window, each image repeated `temporal` times.
+    Capture-safe: the normalisation constants are Python numbers in the kernels, no tensor is made
+    from host data inside the call (a CUDA graph capture would fail on that copy)."""
     b, c, h, w = frames_bchw.shape
-    mean = frames_bchw.new_tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = frames_bchw.new_tensor(IMAGE_STD).view(1, 3, 1, 1)
-    x = (frames_bchw - mean) / std
+    x = torch.stack([(frames_bchw[:, i] - m) / s for i, (m, s) in enumerate(zip(IMAGE_MEAN, IMAGE_STD))], dim=1)
     gh, gw = h // patch, w // patch
     x = x.reshape(b, c, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m, C, P, P)
