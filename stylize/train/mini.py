@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..models.loading import DEFAULT_SCHEDULER, QWEN_SPECIAL_TOKENS
 
@@ -112,9 +113,10 @@ def build_mini_components(cfg, tokenizer, seed: int = 0, device: str | torch.dev
     te_config = text_encoder_config(cfg, tokenizer)
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = DreamLiteUNetModel(**cfg.unet).to(dtype)
-        vae = AutoencoderTiny(**cfg.vae).to(dtype)
-        te = Qwen3VLForConditionalGeneration(te_config).to(dtype)
+        unet, vae = DreamLiteUNetModel(**cfg.unet), AutoencoderTiny(**cfg.vae)
+        te = Qwen3VLForConditionalGeneration(te_config)
+    if dtype != torch.float32:
+        unet, vae, te = unet.to(dtype), vae.to(dtype), te.to(dtype)
     return unet, vae, te
 
 
@@ -161,3 +163,52 @@ def save_mini(folder: str | Path, unet, vae, te, tokenizer, meta: dict[str, Any]
 def weights_bytes(folder: str | Path) -> int:
     """Bytes of every .safetensors file under `folder` (what the budget counts)."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+
+
+def encode_prompts(text_encoder, tokens: list, frames_bchw: torch.Tensor, hidden_states: str = "post_norm"):
+    """`text_encoder.encode` for a batch whose frames each carry their own prompt (training mixes
+    styles in a batch): the token ids right-padded to one length and masked. Attention is causal,
+    so the real tokens never see the padding and each row equals `encode` of its own prompt (a
+    test checks). tokens: one PromptTokens per frame, all of one prefix and fixed length; frames
+    (B, 3, S, S) float in [0, 1] at the encoder's image size. Returns (states (B, max_len, hidden),
+    mask (B, max_len) int64) as `encode` does."""
+    from ..models.text_encoder import patchify
+
+    prefix, max_len = tokens[0].prefix_len, tokens[0].max_len
+    assert all(t.prefix_len == prefix and t.max_len == max_len for t in tokens), "one template, one fixed length"
+    cfg = text_encoder.config
+    vision = cfg.vision_config
+    b, _, size, _ = frames_bchw.shape
+    device = frames_bchw.device
+    lengths = torch.tensor([t.input_ids.numel() for t in tokens])
+    longest = int(lengths.max())
+    pad_id = cfg.text_config.pad_token_id or 0
+    input_ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    mm = torch.zeros((b, longest), dtype=torch.long)
+    for i, t in enumerate(tokens):
+        input_ids[i, : t.input_ids.numel()] = t.input_ids
+        mm[i, : t.input_ids.numel()] = t.mm_token_type_ids
+    attention = (torch.arange(longest)[None] < lengths[:, None]).long()
+    grid = size // vision.patch_size
+    pixel_values = patchify(
+        frames_bchw.float(), vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    )
+    captured: list[torch.Tensor] = []
+    hook = None
+    if hidden_states == "pre_norm":  # the final norm's input, as text_encoder.encode takes it
+        hook = text_encoder.language_model.norm.register_forward_hook(lambda m, a, o: captured.append(a[0]))
+    try:
+        out = text_encoder(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False,
+            pixel_values=pixel_values.to(text_encoder.dtype),
+            image_grid_thw=torch.tensor([[1, grid, grid]] * b, device=device),
+            mm_token_type_ids=mm.to(device),
+        )  # fmt: skip
+    finally:
+        if hook is not None:
+            hook.remove()
+    states = captured[-1] if hook is not None else out.last_hidden_state  # (B, longest, hidden)
+    kept = states[:, prefix : prefix + max_len]
+    kept = F.pad(kept, (0, 0, 0, max_len - kept.shape[1]))  # (B, max_len, hidden)
+    mask = (torch.arange(max_len)[None] < (lengths - prefix)[:, None]).long().to(device)
+    return kept * mask[..., None].to(kept.dtype), mask

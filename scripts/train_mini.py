@@ -1,0 +1,527 @@
+#!/usr/bin/env python
+"""Train `mini` (issue #13): resumable, in chunks of at most 8 minutes, on the GPU machine.
+
+    python scripts/train_mini.py --device cuda --minutes 8 --resume CKPT --out $OUT/mini-ckpt.safetensors
+    python scripts/train_mini.py --resume CKPT --export stylize/weights/mini    # here, on the CPU, at the end
+    python scripts/train_mini.py --device cpu --steps 3 --size 64              # a smoke run
+
+One model for every style preset with a teacher, the style chosen by the prompt (the preset's, or
+one of its aliases, stylize/train/mini.py). Each step cuts its crops from the licence-clean stills
+(data/train.txt) on the device, and makes its targets there with the teachers' torch forms;
+anime's `cv2.stylization` has none, so CPU worker processes make its samples a few steps ahead from
+the same seeded plan (stylize/train/mini_data.py). Every random choice of a step comes from
+(seed, stage, step): a resumed run sees the samples an uninterrupted one would have.
+
+## The plan (stages run one after another; steps are global)
+
+| stage | trains | on | loss | steps | crops (px) | batch at 256 px | lr |
+|---|---|---|---|---|---|---|---|
+| vae | TAESD encoder + decoder | the crops and their teachers' outputs, both | L1 + Sobel L1 of the round trip | 12,000 | 256, 384, 512 | 32 (x2 images) | 1e-3 |
+| latent | U-Net + Qwen3-VL | DreamLite's one-step edit in latent space: x_t = (1-s) E(teacher) + s noise, input cat([x_t, E(crop)], width), target velocity noise - E(teacher); s = 1 for 3/4 of the samples (the K=1 fast path), else uniform (K=2, 4) | MSE | 40,000 | 256, 384, 512 | 40 | 5e-4 |
+| pixels | U-Net + Qwen3-VL + decoder | K=1 end to end: decode(noise - v) against the teacher's pixels | L1 + Sobel L1 + 0.25 latent MSE | 16,000 | 256, 384, 512 | 20 | 1e-4 |
+
+Linear warm-up (500 steps), then cosine to a tenth; AdamW (0.9, 0.999), weight decay 0.01 on the
+U-Net and the text encoder; gradients clipped at norm 1; bf16 autocast on CUDA, fp32 weights.
+Crop sides are drawn per step; a step of side S takes batch x (256/S)^2 samples (the same pixels).
+
+## GPU time, the arithmetic (H200; re-check against the first chunk's printed ms/step)
+
+FLOPs per sample, forward (torch.utils.flop_counter, mini at random init): at 256 px the VAE
+encoder 0.75 G, decoder 4.0 G, U-Net 2.2 G, Qwen3-VL 0.53 G (128 px frame, ~120 tokens); 4x each
+at 512 px but the text encoder's. A training step costs ~3x its forward for what trains, 1x for
+what only runs (frozen encoder, teachers):
+- vae: 2 x 32 x 3 x 4.75 G = 0.91 TFLOP a step, + teachers (~0.3 ms a 256 px frame at batch 16:
+  data/teachers.md's 512 px H200 figures / 4) ~ 10 ms;
+- latent: 40 x (3 x 2.7 + 2 x 0.75) G = 0.38 TFLOP, + teachers ~ 12 ms;
+- pixels: 20 x (3 x 6.7 + 2 x 0.75) G = 0.43 TFLOP, + teachers ~ 6 ms.
+These nets are narrow (16-160 channels, depthwise convolutions), far from the 790 TFLOP/s of a large
+bf16 GEMM: take 20 TFLOP/s (2.5%), which puts compute at 45 / 19 / 22 ms a step. Eager PyTorch
+issues every op from the host; counted with the profiler (`--count-ops`), a step is ~2,900 /
+~3,400 / ~5,000 ops forward + backward + optimiser, at ~6 us each 17 / 20 / 30 ms, overlapping the
+GPU work. Estimate per step: the larger of the two, plus the teachers' calls (~10 small launches
+a style, not overlapped): vae ~55 ms, latent ~35 ms, pixels ~45 ms.
+- vae: 12,000 x 55 ms = 11.0 min;  latent: 40,000 x 35 ms = 23.3 min;  pixels: 16,000 x 45 ms = 12.0 min
+  (the three 46 min; the rest of 1.5 h goes to what follows)
+- each chunk also pays its start: imports, the ONNX teachers, the stills, 14 worker processes:
+  ~45 s of 8 min, so a chunk trains ~7 min: 46 min of steps take 7 chunks, 5 min of starts;
+- the anime workers: cv2.stylization takes ~0.22 s a 512 px frame on one host core (~0.055 s at
+  256 px); a tenth of each step's samples is anime: 4 a step at 256 px in the latent stage, ~0.22
+  core-seconds, which 14 cores make in 16 ms, inside a 35 ms step;
+- the measured step time may be 2x the estimate either way: if the first chunk prints more,
+  scale every stage's steps down by the same factor (`--plan vae=...,latent=...,pixels=...`,
+  recorded with the weights) rather than give up the plan's shape;
+- then evaluation on the GPU machine (eval.py on ../shared/media/davis512sq through the engine,
+  ~5 min) and a rerun of the last chunk from its starting checkpoint for the ±0.3 dB check (~8 min).
+Total: 46 + 5 + 5 + 8 + (margin) ~ 1.5 h of device time, in ~12 calls across sessions of 30 minutes.
+
+## Checkpoints and what is recorded
+
+`--out` gets one safetensors file of at most 16 MB (stylize/train/checkpoint.py: fp16 weights,
+AdamW's second moment as block maxima, no first moment), written atomically at the end of the
+chunk and every `--save-every` steps. Its metadata carries the seed, the step, the plan, the
+config's and the tokenizer's sha256, the training data (ids and the sha256 of their list and
+crops), the commit and each chunk's record (steps, seconds, device, mean losses). `--export DIR`
+writes the weights in diffusers layout (`save_pretrained`, fp16 safetensors only) with that
+record as mini.json: what ships under stylize/weights/mini/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T0 = time.monotonic()
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from stylize.config import model_config  # noqa: E402
+from stylize.models.text_encoder import tokenize_prompt  # noqa: E402
+from stylize.reference import resize, velocity  # noqa: E402
+from stylize.train import checkpoint as ckpt  # noqa: E402
+from stylize.train import data as train_data  # noqa: E402
+from stylize.train import mini, mini_data  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int
+    batch_256: int
+    lr: float
+    trains: tuple[str, ...]  # of "vae", "decoder", "unet", "text_encoder"
+    sizes: tuple[int, ...] = (256, 384, 512)
+    warmup: int = 500
+
+
+PLAN = (
+    Stage("vae", 12_000, 32, 1e-3, ("vae",)),
+    Stage("latent", 40_000, 40, 5e-4, ("unet", "text_encoder")),
+    Stage("pixels", 16_000, 20, 1e-4, ("unet", "text_encoder", "decoder")),
+)
+SIGMA_ONE_SHARE = 0.75  # latent stage: samples at s = 1 (the K=1 path); the rest uniform in (0, 1]
+SOBEL_WEIGHT = 0.5
+LATENT_WEIGHT = 0.25  # pixels stage: the latent MSE that keeps the U-Net's output in the VAE's space
+
+
+# ------------------------------------------------------------------------------------------- plan
+def plan_with(spec: str | None, size: int | None, batch: int | None) -> tuple[Stage, ...]:
+    """PLAN with `--plan vae=N,latent=N,pixels=N` steps, `--size` as the only crop side and
+    `--batch` samples a step (batch_256 set so that batch_for gives it)."""
+    plan = list(PLAN)
+    if spec:
+        steps = dict(item.split("=") for item in spec.split(","))
+        unknown = set(steps) - {s.name for s in plan}
+        if unknown:
+            sys.exit(f"train_mini.py: --plan names unknown stage(s) {', '.join(sorted(unknown))}")
+        plan = [dataclasses.replace(s, steps=int(steps.get(s.name, s.steps))) for s in plan]
+    if size:
+        plan = [dataclasses.replace(s, sizes=(size,)) for s in plan]
+    if batch:
+        plan = [dataclasses.replace(s, batch_256=batch * s.sizes[0] ** 2 / 256**2) for s in plan]
+    return tuple(s for s in plan)
+
+
+def stage_at(plan: tuple[Stage, ...], step: int) -> tuple[int, Stage, int]:
+    """(index, stage, the stage's own step) of global `step`."""
+    start = 0
+    for i, stage in enumerate(plan):
+        if step < start + stage.steps:
+            return i, stage, step - start
+        start += stage.steps
+    raise IndexError(step)
+
+
+def step_seed(seed: int, stage: int, step: int) -> int:
+    """The seed of a step's noise and noise levels (the crops' plan draws from [seed, stage, step] too)."""
+    return int(np.random.SeedSequence([seed, stage, step, 1]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def lr_at(stage: Stage, local: int) -> float:
+    warm = min(stage.warmup, max(1, stage.steps // 10))
+    if local < warm:
+        return stage.lr * (local + 1) / warm
+    progress = (local - warm) / max(1, stage.steps - warm)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------ model
+class Mini:
+    """The components being trained, on one device, and what trains in a stage."""
+
+    def __init__(self, cfg, tokenizer, seed: int, device: torch.device):
+        unet, vae, te = mini.build_mini_components(cfg, tokenizer, seed=seed)  # on the CPU: the same init anywhere
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.unet, self.vae, self.te_full = unet.to(device), vae.to(device), te.to(device)
+        self.te = self.te_full.model  # Qwen3VLModel: what stylize runs (lm_head never)
+        self.prompt_tokens: dict[str, object] = {}
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.te}
+
+    def trainable(self, stage: Stage) -> dict[str, torch.nn.Parameter]:
+        """The stage's parameters by name (`<component>.<name>`), and requires_grad set to match."""
+        groups = {"unet": self.unet, "text_encoder": self.te, "vae": self.vae, "decoder": self.vae.decoder}
+        chosen = {id(p) for g in stage.trains for p in groups[g].parameters()}
+        params = {}
+        for comp, module in self.modules.items():
+            for name, p in module.named_parameters():
+                p.requires_grad_(id(p) in chosen)
+                if id(p) in chosen:
+                    params[f"{comp}.{name}"] = p
+        return params
+
+    def tokens(self, prompt: str):
+        if prompt not in self.prompt_tokens:
+            self.prompt_tokens[prompt] = tokenize_prompt(
+                self.tokenizer, self.te.config, prompt, self.cfg.te_image_size, self.cfg.prompt_max_tokens
+            )
+        return self.prompt_tokens[prompt]
+
+
+def optimizer_for(params: dict[str, torch.nn.Parameter], device: torch.device) -> torch.optim.AdamW:
+    decay = [p for n, p in params.items() if p.ndim >= 2 and not n.startswith("vae.")]
+    rest = [p for n, p in params.items() if not (p.ndim >= 2 and not n.startswith("vae."))]
+    groups = [
+        g for g in ({"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}) if g["params"]
+    ]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **fast)
+
+
+# ----------------------------------------------------------------------------------------- losses
+def sobel(x_bchw: torch.Tensor) -> torch.Tensor:
+    """Horizontal and vertical Sobel responses of each channel, (B, 2C, H-2, W-2)."""
+    k = x_bchw.new_tensor([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]) / 8
+    kernels = torch.stack([k, k.t()])[:, None].repeat(x_bchw.shape[1], 1, 1, 1)  # (2C, 1, 3, 3)
+    return F.conv2d(x_bchw, kernels, groups=x_bchw.shape[1])
+
+
+def pixel_loss(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
+    """L1 plus the L1 of the Sobel gradients (sharpness: a blurred output pays for its lost edges)."""
+    pred, target = pred01.float(), target01.float()
+    return (pred - target).abs().mean() + SOBEL_WEIGHT * (sobel(pred) - sobel(target)).abs().mean()
+
+
+def encode01(vae, x01: torch.Tensor) -> torch.Tensor:
+    return vae.encode(x01 * 2 - 1).latents
+
+
+def decode01(vae, z: torch.Tensor) -> torch.Tensor:
+    """Latents -> RGB float, [0, 1] where the decoder is right (unclamped, so gradients flow)."""
+    return vae.decode(z).sample / 2 + 0.5
+
+
+def step_loss(stage: Stage, m: Mini, plan, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
+    """The stage's loss on one batch: crops x and teacher outputs y, (B, 3, S, S) float in [0, 1]."""
+    b, _, s, _ = x.shape
+    if stage.name == "vae":
+        images = torch.cat([x, y])
+        z = encode01(m.vae, images)
+        loss = pixel_loss(decode01(m.vae, z), images)
+        return {"loss": loss, "latent_rms": z.float().square().mean().sqrt().detach()}
+    with torch.no_grad():
+        source, target = encode01(m.vae, x), encode01(m.vae, y)
+    te_size = m.cfg.te_image_size
+    states, mask = mini.encode_prompts(m.te, [m.tokens(p) for p in plan.prompts], resize(x, (te_size, te_size)),
+                                       m.cfg.hidden_states)  # fmt: skip
+    noise = torch.randn(target.shape, generator=gen, device=gen.device).to(x.device)
+    if stage.name == "latent":
+        u = torch.rand(b, generator=gen, device=gen.device).to(x.device)
+        one = torch.rand(b, generator=gen, device=gen.device).to(x.device) < SIGMA_ONE_SHARE
+        sigma = torch.where(one, torch.ones_like(u), u.clamp_min(1e-3))
+    else:
+        sigma = torch.ones(b, device=x.device)
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * target + sigma.view(-1, 1, 1, 1) * noise
+    time_ids = torch.tensor([[s, s]], device=x.device, dtype=x.dtype).expand(b, -1)
+    v = velocity(m.unet, x_t, source, sigma * 1000, states, mask, time_ids).float()
+    latent_mse = (v - (noise - target).float()).square().mean()
+    if stage.name == "latent":
+        return {"loss": latent_mse}
+    pix = pixel_loss(decode01(m.vae, noise - v), y)
+    return {"loss": pix + LATENT_WEIGHT * latent_mse, "pixel": pix.detach(), "latent": latent_mse.detach()}
+
+
+# ------------------------------------------------------------------------------------------- data
+class Batches:
+    """Each step's crops and targets on the device, the CPU-only teacher's samples made ahead."""
+
+    def __init__(self, stills: list[np.ndarray], styles: list[str], plan: tuple[Stage, ...], seed: int,
+                 device: torch.device, workers: int, ahead: int):  # fmt: skip
+        self.plan, self.seed, self.device, self.ahead = plan, seed, device, ahead
+        self.stills_hw = [s.shape[:2] for s in stills]
+        self.prompts = {s: mini.style_prompts(s) for s in styles}
+        self.teachers = {s: mini_data.torch_teacher(s, device) for s in styles}
+        self.cpu_styles = [s for s, t in self.teachers.items() if t is None]
+        self.workers = mini_data.AnimeWorkers(stills, self.cpu_styles, workers)
+        self.stills = [torch.from_numpy(np.array(s)).to(device) for s in stills]  # (H, W, 3) uint8, writable copies
+        self.plans: dict[int, mini_data.StepPlan] = {}
+        self.submitted = -1
+
+    def plan_of(self, step: int):
+        if step not in self.plans:
+            index, stage, _ = stage_at(self.plan, step)
+            self.plans[step] = mini_data.plan_step(self.seed, index, step, self.stills_hw, self.prompts,
+                                                   stage.batch_256, stage.sizes)  # fmt: skip
+        return self.plans[step]
+
+    def get(self, step: int, last: int) -> tuple[mini_data.StepPlan, torch.Tensor, torch.Tensor]:
+        for s in range(max(step, self.submitted + 1), min(last, step + self.ahead + 1)):
+            self.workers.submit(s, self.plan_of(s))
+            self.submitted = s
+        plan = self.plans.pop(step)
+        x = mini_data.gpu_crops(self.stills, plan)
+        y = mini_data.targets(self.teachers, plan, x)
+        if self.cpu_styles:
+            for style, (inputs, outputs) in self.workers.take(step).items():
+                idx = plan.indices(style)
+                if idx:
+                    x[idx] = train_data.to_tensor(inputs, self.device)
+                    y[idx] = train_data.to_tensor(outputs, self.device)
+        return plan, x, y
+
+    def close(self) -> None:
+        self.workers.close()
+
+
+# ------------------------------------------------------------------------------------- provenance
+def sha256_of(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def json_normal(obj):
+    """`obj` as it comes back from JSON (tuples as lists), so records compare equal after a round trip."""
+    return json.loads(json.dumps(obj))
+
+
+def tokenizer_sha(tok) -> str:
+    return sha256_of(json.loads(tok.backend_tokenizer.to_str()))
+
+
+def data_record() -> dict:
+    items = train_data.train_items()
+    return {"train_list": "data/train.txt", "ids": [it["id"] for it in items],
+            "crops_sha256": sha256_of([it["crop"]["sha256"] for it in items])}  # fmt: skip
+
+
+def commit(given: str | None) -> str | None:
+    if given:
+        return given
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        return head.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("STYLIZE_COMMIT")
+
+
+# ------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of this chunk, from start (<= 8)")
+    ap.add_argument("--steps", type=int, default=None, help="at most this many steps in this chunk")
+    ap.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from (absent file: start)")
+    ap.add_argument("--out", type=Path, default=REPO / ".data" / "mini" / "ckpt.safetensors", help="checkpoint written")
+    ap.add_argument("--export", type=Path, default=None, help="write the weights in diffusers layout here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plan", default=None, help="steps per stage, e.g. vae=12000,latent=40000,pixels=16000")
+    ap.add_argument("--size", type=int, default=None, help="the only crop side (smoke runs)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="samples a step at every crop size (default: the plan's on CUDA, one a style on the CPU)",
+    )
+    ap.add_argument("--styles", default=None, help="comma-separated styles (default: every preset with a teacher)")
+    ap.add_argument("--workers", type=int, default=None, help="anime worker processes (0: in this process)")
+    ap.add_argument("--save-every", type=int, default=2000)
+    ap.add_argument("--log-every", type=int, default=None)
+    ap.add_argument("--log", type=Path, default=None, help="also append JSON lines of the log here")
+    ap.add_argument("--commit", default=None, help="the commit trained (default: git rev-parse HEAD)")
+    ap.add_argument("--count-ops", action="store_true", help="count the ops of one step per stage and exit")
+    args = ap.parse_args(argv)
+    if args.minutes > 8:
+        ap.error("--minutes is at most 8 (a chunk must fit one device command with room for its start)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    if device.type == "cpu":  # on a shared CPU two torch threads wait on each other (data/teachers.md)
+        torch.set_num_threads(1)
+    torch.backends.cudnn.benchmark = False
+    styles = args.styles.split(",") if args.styles else mini.mini_styles()
+    # the CPU (smoke runs, tests) takes one sample of each style a step unless told otherwise
+    batch = args.batch or (len(styles) if device.type == "cpu" else None)
+    plan = plan_with(args.plan, args.size, batch)
+    total = sum(s.steps for s in plan)
+    cfg = model_config("mini")
+    tok = mini.build_mini_tokenizer()
+    m = Mini(cfg, tok, args.seed, device)
+    record = json_normal({
+        "seed": args.seed, "plan": [dataclasses.asdict(s) for s in plan], "styles": styles,
+        "config_sha256": sha256_of(dataclasses.asdict(cfg)), "tokenizer_sha256": tokenizer_sha(tok),
+        "data": data_record(), "chunks": [], "step": 0,
+    })  # fmt: skip
+    tensors = None
+    if args.resume and args.resume.is_file():
+        tensors, stored = ckpt.load_checkpoint(args.resume)
+        for key in ("seed", "plan", "styles", "config_sha256", "tokenizer_sha256", "data"):
+            if stored.get(key) != record[key]:
+                sys.exit(f"train_mini.py: {args.resume} was trained with another {key}; start afresh or match it")
+        record = stored
+        ckpt.restore_modules(m.modules, tensors)
+    if args.export:
+        return export(m, record, args.export)
+    if args.count_ops:
+        return count_ops(m, plan, styles, args, device)
+    return train(m, plan, total, record, tensors, styles, args, device)
+
+
+def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device) -> int:
+    step = record["step"]
+    if step >= total:
+        print(f"train_mini.py: the plan is done ({step} of {total} steps); --export DIR writes the weights")
+        return 0
+    workers = (
+        args.workers
+        if args.workers is not None
+        else (max(1, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0)
+    )
+    batches = Batches(train_data.load_stills(), styles, plan, args.seed, device, workers, ahead=2 * max(1, workers))
+    log_every = args.log_every or (100 if device.type == "cuda" else 1)
+    budget_s = args.minutes * 60 - 20  # the final save and the return of the file
+    chunk = {"start": step, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+             "commit": commit(args.commit), "losses": {}}  # fmt: skip
+    stage_index, optimizer, params, losses, t_start = None, None, {}, [], time.monotonic()
+    done_here = 0
+    try:
+        while step < total and (args.steps is None or done_here < args.steps):
+            index, stage, local = stage_at(plan, step)
+            if index != stage_index:  # a new stage, or the first step of this chunk
+                params = m.trainable(stage)
+                optimizer = optimizer_for(params, device)
+                if tensors is not None and record.get("stage") == index:
+                    ckpt.restore_optimizer(optimizer, params, tensors, record["v_block"], record["stage_step"])
+                for module in m.modules.values():
+                    module.train()
+                stage_index = index
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(stage, local)
+            gen = torch.Generator(device).manual_seed(step_seed(args.seed, index, step))
+            p, x, y = batches.get(step, total)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = step_loss(stage, m, p, x, y, gen)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            optimizer.step()
+            losses.append({k: v.detach() for k, v in out.items()})
+            step, done_here = step + 1, done_here + 1
+            if done_here % log_every == 0 or step == total:
+                log(losses[-log_every:], stage, step, total, done_here, t_start, plan, args.log)
+            elapsed = time.monotonic() - T0
+            per_step = (time.monotonic() - t_start) / done_here
+            out_of_time = elapsed + 2 * per_step > budget_s
+            boundary = step % args.save_every == 0 or step == total or stage_at_or_end(plan, step) != index
+            if out_of_time or boundary or (args.steps is not None and done_here >= args.steps):
+                record = save(m, optimizer, params, record, chunk, step, plan, losses, t_start, args.out)
+                losses = []  # their means are in the chunk's record now
+            if out_of_time:
+                break
+    finally:
+        batches.close()
+    print(f"train_mini.py: step {step} of {total}; checkpoint {args.out} ({args.out.stat().st_size:,} bytes)")
+    return 0
+
+
+def stage_at_or_end(plan, step: int) -> int | None:
+    return stage_at(plan, step)[0] if step < sum(s.steps for s in plan) else None
+
+
+def log(losses: list[dict], stage: Stage, step: int, total: int, done: int, t_start: float, plan, path) -> None:
+    mean = {k: float(torch.stack([d[k] for d in losses]).float().mean()) for k in losses[-1]}
+    per_step = (time.monotonic() - t_start) / done
+    line = {"step": step, "stage": stage.name, **{k: round(v, 5) for k, v in mean.items()},
+            "ms_per_step": round(per_step * 1000, 1), "remaining_min_at_this_rate": round((total - step) * per_step / 60, 1)}  # fmt: skip
+    print(json.dumps(line), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def save(m: Mini, optimizer, params, record: dict, chunk: dict, step: int, plan, losses, t_start, out: Path) -> dict:
+    index, _, local = stage_at(plan, step - 1)
+    done_stage = local + 1 >= plan[index].steps
+    means = chunk["losses"]
+    for d in losses:
+        for k, v in d.items():
+            means.setdefault(k, []).append(float(v))
+    chunk_rec = {**chunk, "end": step, "seconds": round(time.monotonic() - t_start, 1),
+                 "losses": {k: round(float(np.mean(v)), 5) for k, v in means.items()}}  # fmt: skip
+    chunks = [c for c in record["chunks"] if c.get("start") != chunk["start"]] + [chunk_rec]
+    new = {**record, "step": step, "chunks": chunks,
+           "stage": None if done_stage else index, "stage_step": 0 if done_stage else local + 1}  # fmt: skip
+    # at a stage's end the optimiser's state belongs to no later stage: store none
+    _, block = ckpt.save_checkpoint(out, m.modules, None if done_stage else optimizer, params, new)
+    return {**new, "v_block": block}
+
+
+def export(m: Mini, record: dict, folder: Path) -> int:
+    """The weights in diffusers layout (what ships) with the training record as mini.json."""
+    total = sum(s["steps"] for s in record["plan"])
+    if record["step"] < total:
+        print(f"train_mini.py: warning: exporting after {record['step']} of {total} steps", file=sys.stderr)
+    meta = {
+        k: record[k] for k in ("seed", "step", "plan", "styles", "config_sha256", "tokenizer_sha256", "data", "chunks")
+    }
+    mini.save_mini(folder, m.unet, m.vae, m.te_full, m.tokenizer, meta)
+    size = mini.weights_bytes(folder)
+    print(f"train_mini.py: wrote {folder} ({size:,} bytes of safetensors)")
+    if size > mini.FP16_BUDGET_BYTES:
+        print(f"train_mini.py: over the {mini.FP16_BUDGET_BYTES:,}-byte budget", file=sys.stderr)
+        return 1
+    return 0
+
+
+def count_ops(m: Mini, plan, styles, args, device) -> int:
+    """Ops a training step issues, per stage (forward, backward, optimiser), for the launch-bound estimate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = Batches(train_data.load_stills(), styles, plan, args.seed, device, 0, ahead=0)
+    start = 0
+    for index, stage in enumerate(plan):
+        params = m.trainable(stage)
+        optimizer = optimizer_for(params, device)
+        p, x, y = batches.get(start, start + 1)
+        gen = torch.Generator(device).manual_seed(0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = step_loss(stage, m, p, x, y, gen)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            optimizer.step()
+        ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and not e.cpu_parent)
+        print(json.dumps({"stage": stage.name, "batch": len(p.styles), "side": p.side, "top_level_aten_ops": ops}))
+        start += stage.steps
+    batches.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

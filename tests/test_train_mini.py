@@ -1,0 +1,186 @@
+"""mini's training groundwork (issue #13): the preset's sizes, its tokenizer, batched prompts, the
+checkpoint budget, and scripts/train_mini.py run for a few CPU steps, resumed, exported and loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stylize.config import PipelineConfig, model_config
+from stylize.errors import ModelError
+from stylize.models import load_stack
+from stylize.models.loading import packaged_folder
+from stylize.train import checkpoint as ckpt
+from stylize.train import mini, mini_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_mini():
+    spec = importlib.util.spec_from_file_location("train_mini", REPO / "scripts" / "train_mini.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_mini"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("train_mini", None)
+
+
+@pytest.fixture
+def one_thread():
+    """The script sets one torch thread on the CPU; give the rest of the session back its own."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_preset_fits_the_budget():
+    """mini's components, built on the meta device: the same classes as the full stack, and every
+    weight in fp16 within 20 MB."""
+    cfg = model_config("mini")
+    assert (
+        cfg.kind == "pretrained" and packaged_folder(cfg.source) == Path(mini.__file__).parents[1] / "weights" / "mini"
+    )
+    tok = mini.build_mini_tokenizer()
+    unet, vae, te = mini.build_mini_components(cfg, tok, device="meta")
+    assert (type(unet).__name__, type(vae).__name__, type(te.model).__name__) == (
+        "DreamLiteUNetModel", "AutoencoderTiny", "Qwen3VLModel")  # fmt: skip
+    report = mini.sizes(unet, vae, te)
+    assert report["total_params"] * 2 <= mini.FP16_BUDGET_BYTES, report
+
+
+def test_untrained_preset_says_so():
+    cfg = model_config("mini")
+    if any(packaged_folder(cfg.source).glob("*/*.safetensors")):
+        pytest.skip("mini's weights are in the package: the trained case is tested by loading it")
+    with pytest.raises(ModelError, match="not trained yet"):
+        load_stack(cfg)
+
+
+def test_tokenizer_knows_every_style():
+    """Deterministic; Qwen's special tokens are single tokens; each prompt and alias tokenizes
+    back to itself in few tokens; any other text still tokenizes (bytes)."""
+    a, b = mini.build_mini_tokenizer(), mini.build_mini_tokenizer()
+    assert a.get_vocab() == b.get_vocab() and len(a) <= 1024
+    for special in ("<|image_pad|>", "<|vision_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(a(special, add_special_tokens=False)["input_ids"]) == 1
+    assert set(mini.ALIASES) == set(mini.mini_styles())
+    for style in mini.mini_styles():
+        for prompt in mini.style_prompts(style):
+            ids = a(" " + prompt, add_special_tokens=False)["input_ids"]
+            assert a.decode(ids) == " " + prompt and len(ids) <= len(prompt.split()) + 6, prompt
+    assert a.decode(a("zebra stripes, über", add_special_tokens=False)["input_ids"]) == "zebra stripes, über"
+
+
+def test_batched_prompts_equal_one_at_a_time(tiny_stack):
+    """A training batch mixes prompts (right-padded, masked): each row equals `encode` on its own."""
+    from stylize.models.text_encoder import encode, tokenize_prompt
+
+    te, tok = tiny_stack.text_encoder, tiny_stack.tokenizer
+    prompts = ["make it an oil painting", "transfer this to a pencil sketch, black and white, fine hatching", "ink"]
+    tokens = [tokenize_prompt(tok, te.config, p, 64, 64) for p in prompts]
+    frames = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for hidden in ("post_norm", "pre_norm"):
+        states, mask = mini.encode_prompts(te, tokens, frames, hidden)
+        for i, t in enumerate(tokens):
+            one, one_mask = encode(te, t, frames[i : i + 1], hidden)
+            torch.testing.assert_close(states[i : i + 1], one, rtol=0, atol=1e-5)
+            assert torch.equal(mask[i : i + 1], one_mask)
+
+
+def test_step_plan_is_pure_and_balanced():
+    prompts = {s: mini.style_prompts(s) for s in ("oil", "sketch", "anime")}
+    hw = [(640, 1024), (768, 512)]
+    a = mini_data.plan_step(0, 1, 7, hw, prompts, batch_256=12, sizes=(256, 512))
+    b = mini_data.plan_step(0, 1, 7, hw, prompts, batch_256=12, sizes=(256, 512))
+    assert a.styles == b.styles and a.boxes == b.boxes and np.array_equal(a.jitter, b.jitter)
+    assert mini_data.plan_step(0, 1, 8, hw, prompts, 12, (256, 512)).boxes != a.boxes
+    assert len(a.styles) == mini_data.batch_for(a.side, 12)
+    counts = [a.styles.count(s) for s in prompts]
+    assert max(counts) - min(counts) <= 1
+    for k, top, left, n, _ in a.boxes:
+        assert 0 <= top <= hw[k][0] - n and 0 <= left <= hw[k][1] - n
+
+
+def test_checkpoint_budget_and_restore(tmp_path):
+    """The finest second-moment block that fits is used, a coarser one under a tighter budget,
+    none fits below the weights themselves; restored moments bound the stored ones from above."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    params = {f"net.{n}": p for n, p in net.named_parameters()}
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    for _ in range(3):
+        net(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    weights = sum(p.numel() for p in net.parameters()) * 2
+    data, block = ckpt.checkpoint_bytes({"net": net}, opt, params, {"step": 3})
+    assert block == ckpt.BLOCKS[0] and weights < len(data) < weights + 8_000
+    _, coarse = ckpt.checkpoint_bytes({"net": net}, opt, params, {"step": 3}, budget=len(data) - 1)
+    assert coarse > block
+    with pytest.raises(ckpt.CheckpointTooLarge):
+        ckpt.checkpoint_bytes({"net": net}, opt, params, {"step": 3}, budget=weights)
+
+    size, block = ckpt.save_checkpoint(tmp_path / "c.safetensors", {"net": net}, opt, params, {"step": 3})
+    assert size == (tmp_path / "c.safetensors").stat().st_size
+    tensors, meta = ckpt.load_checkpoint(tmp_path / "c.safetensors")
+    assert meta["step"] == 3 and meta["v_block"] == block
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    ckpt.restore_modules({"net": twin}, tensors)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.half().float(), b, rtol=0, atol=0)  # fp16 weights
+    twin_params = {f"net.{n}": p for n, p in twin.named_parameters()}
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=1e-3)
+    assert ckpt.restore_optimizer(opt2, twin_params, tensors, block, step=3) == len(params)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        v, w = opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"]
+        assert (w >= v * (1 - 2**-7)).all()  # each entry at least its own (bf16 rounding aside)
+        assert not opt2.state[q]["exp_avg"].any()
+    twin(torch.randn(8, 64)).square().mean().backward()
+    opt2.step()  # the restored state is a working AdamW state
+
+
+def test_train_resume_export_load(train_mini, tmp_path, one_thread):
+    """Two steps, a checkpoint, a resume through the end of all three stages (a mid-stage resume
+    restores the optimiser), an export in diffusers layout that load_stack reads as `mini`."""
+    common = ["--device", "cpu", "--size", "64", "--batch", "3", "--styles", "sketch,pixel-art,anime",
+              "--plan", "vae=3,latent=1,pixels=1", "--commit", "test"]  # fmt: skip
+    out = tmp_path / "ckpt.safetensors"
+    assert train_mini.main([*common, "--steps", "2", "--out", str(out)]) == 0
+    _, meta = ckpt.load_checkpoint(out)
+    assert meta["step"] == 2 and meta["stage"] == 0 and meta["stage_step"] == 2
+    assert out.stat().st_size <= ckpt.CHECKPOINT_BUDGET
+    assert train_mini.main([*common, "--resume", str(out), "--out", str(out)]) == 0
+    _, meta = ckpt.load_checkpoint(out)
+    assert meta["step"] == 5 and [c["end"] for c in meta["chunks"]] == [2, 5]
+    assert meta["data"]["ids"] and meta["seed"] == 0 and meta["chunks"][0]["commit"] == "test"
+
+    folder = tmp_path / "mini"
+    assert train_mini.main([*common, "--resume", str(out), "--export", str(folder)]) == 0
+    assert mini.weights_bytes(folder) <= mini.FP16_BUDGET_BYTES
+    assert not list(folder.rglob("*.bin")) and json.loads((folder / "mini.json").read_text())["step"] == 5
+    stack = load_stack(dataclasses.replace(model_config("mini"), source=str(folder)))
+    tensors, _ = ckpt.load_checkpoint(out)
+    torch.testing.assert_close(stack.unet.conv_in.weight, tensors["w.unet.conv_in.weight"].float(), rtol=0, atol=0)
+
+    from stylize.reference import ReferenceStylizer
+
+    frames = np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8)
+    styled = ReferenceStylizer(stack, PipelineConfig(prompt="make it pixel art", size=64, batch_size=2)).stylize(frames)
+    assert styled.shape == frames.shape and styled.dtype == np.uint8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="scikit-image (the train extra) is absent")
+def test_stored_style_vectors_match_scikit_image():
+    """style_vectors.json (what the GPU machine uses, without scikit-image) is the predictor's output."""
+    stored = json.loads(mini_data.STYLE_VECTORS.read_text())
+    fresh = mini_data.make_style_vectors(["gravel"])
+    assert fresh["gravel"]["pixels_sha256"] == stored["gravel"]["pixels_sha256"]
+    np.testing.assert_allclose(fresh["gravel"]["vector"], stored["gravel"]["vector"], rtol=0, atol=1e-6)
