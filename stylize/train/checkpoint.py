@@ -100,7 +100,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["mini"])
-        tensors = {k: f.get_tensor(k) for k in f}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     return tensors, meta
 
 
