@@ -1,26 +1,52 @@
 """The `stylize` command: a thin typer shell over the library.
 
 Rich progress and notices go to stderr; the result line per clip (or its --json record) to
-stdout. Exit codes: 0 all done, 1 some clip failed, 2 usage error, 130 interrupted.
+stdout. Every option is checked (config.run_options, jobs.plan_jobs) before anything heavy is
+imported. Exit codes: 0 all done (or nothing to do), 1 some clip failed, 2 usage error,
+130 interrupted (SIGINT), 143 terminated (SIGTERM), 141 stdout closed by its reader (`| head`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import __version__
 from .errors import StylizeError, UsageError
 
 STARTED = time.perf_counter()
 EPILOG = "Other commands: `stylize styles` lists the style presets, `stylize models` the model stacks."
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 130, 143, 141  # 128 + SIGINT, SIGTERM, SIGPIPE
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised on the main thread like Ctrl-C's KeyboardInterrupt, so that the same
+    clean-up runs (in-flight batches dropped, the partial output deleted). Not an Exception: the
+    per-clip `except Exception` must not take it for one bad clip."""
+
+
+class _Command(TyperCommand):
+    """typer's command without the `<bool>` placeholder beside flags: they take no value."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # typer shows the metavar instead of the type when one is set
+        return params
 
 
 class Device(str, Enum):
@@ -82,10 +108,15 @@ def _pick_device(device: Device) -> str:
 
 
 def run(
-    inputs: list[Path] = typer.Argument(..., help="Video files, numbered-image folders or folders of videos."),
+    inputs: list[Path] = typer.Argument(
+        ..., help="Video files, still images, numbered-image folders or folders of videos."
+    ),
     style: Optional[str] = typer.Option(None, "--style", "-s", help="Style preset (see `stylize styles`)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Free-text instruction instead of a preset."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder, or .mp4 file for one clip."),
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", metavar="<path>",
+        help="Output folder, or the output file of a single input (.mp4, or a still's suffix).",
+    ),
     model: str = typer.Option("dreamlite-mobile", "--model", "-m", help="Model preset or a folder of weights."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Frames per batch."),
     steps: int = typer.Option(1, "--steps", help="Denoising steps: 1, 2 or 4."),
@@ -106,24 +137,36 @@ def run(
     yes: bool = typer.Option(False, "--yes", "-y", help="Replace existing outputs (once the new file is complete)."),
     no_audio: bool = typer.Option(False, "--no-audio", help="Drop the audio."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders of folder inputs."),
-    fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate of numbered-image folders [default: 24]."),
+    stills: bool = typer.Option(
+        False, "--stills", help="Each image in a folder is its own still (not the folder one clip)."
+    ),
+    # the default is written out (escaped from rich markup, which would eat "[...]") because the
+    # option's real default is None: "not given", which image folders take as 24
+    fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate of numbered-image folders. \\[default: 24]"),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (0-51, lower is better)."),
-    preset: str = typer.Option("medium", "--preset", help="x264 speed preset (ultrafast ... veryslow)."),
+    preset: str = typer.Option("medium", "--preset", help="x264 speed preset (ultrafast ... placebo)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON record per clip on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON record per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library logs."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """Restyle videos: `stylize clip.mp4 --style oil` writes clip_oil.mp4 beside the input."""
     try:
-        _run(**{k: v for k, v in locals().items() if k != "version"})
+        with _sigterm_raises():
+            _run(**{k: v for k, v in locals().items() if k != "version"})
     except StylizeError as e:
         _report_error(_console(), e, debug=debug)
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         _console().print("interrupted")
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except Terminated:
+        _console().print("terminated")
+        raise typer.Exit(EXIT_TERMINATED)
+    except BrokenPipeError:  # whoever read our output has gone (`| head -1`): stop quietly
+        _silence_closed_streams()
+        raise typer.Exit(EXIT_BROKEN_PIPE)
     except (typer.Exit, SystemExit):
         raise
     except Exception as e:  # unexpected: one line, the traceback only with --debug
@@ -132,20 +175,22 @@ def run(
 
 
 def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, compile, te_every, te_batch_one,
-         static_prompt, adapter, adapter_hooks, adapter_every, yes, no_audio, recursive, fps, crf, preset, seed, as_json,
-         quiet, debug) -> None:  # fmt: skip
-    from .config import EngineConfig, OutputConfig, PipelineConfig, adapter_file, instruction
+         static_prompt, adapter, adapter_hooks, adapter_every, yes, no_audio, recursive, stills, fps, crf, preset, seed,
+         as_json, quiet, debug) -> None:  # fmt: skip
+    import dataclasses
+
+    from .config import run_options
     from .jobs import plan_jobs
 
     err = _console(quiet)
-    text, tag = instruction(style, prompt)
-    out = OutputConfig(crf=crf, preset=preset, audio=not no_audio, fps=fps)
-    cfg = PipelineConfig(prompt=text, steps=steps, size=size, crop=crop.value, batch_size=batch_size, seed=seed)
-    ecfg = EngineConfig(
-        compile=compile.value, te_refresh_every=te_every, te_batch_one=te_batch_one, static_prompt=static_prompt,
-        adapter=adapter_file(adapter), adapter_hooks=adapter_hooks, adapter_refresh_every=adapter_every,
+    # every check before anything heavy is imported
+    opts = run_options(
+        style=style, prompt=prompt, model=model, steps=steps, size=size, crop=crop.value, batch_size=batch_size,
+        seed=seed, compile=compile.value, te_every=te_every, te_batch_one=te_batch_one, static_prompt=static_prompt,
+        adapter=adapter, adapter_hooks=adapter_hooks, adapter_every=adapter_every, crf=crf, preset=preset,
+        audio=not no_audio, fps=fps,
     )  # fmt: skip
-    jobs = plan_jobs(inputs, tag, output, recursive)
+    jobs = plan_jobs(inputs, opts.tag, output, recursive, stills)
 
     todo = []
     for job in jobs:
@@ -155,48 +200,107 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
             todo.append(job)
     failed = 0
     if todo:
-        failed = _run_jobs(todo, model, cfg, ecfg, out, _pick_device(device), err, as_json, quiet, debug)
-    if len(jobs) > 1:
-        err.print(f"{len(jobs) - failed} of {len(jobs)} clips done ({len(jobs) - len(todo)} skipped, {failed} failed)")
+        if all(job.still for job in todo):  # one frame each: padding it to a batch of 8 is 8x the work
+            opts = dataclasses.replace(opts, pipeline=dataclasses.replace(opts.pipeline, batch_size=1))
+        failed = _run_jobs(todo, opts, _pick_device(device), err, as_json, quiet, debug)
+    summary = _summary(jobs, todo, failed)
+    if summary:
+        err.print(summary)
     if failed:
         raise typer.Exit(1)
 
 
-def _run_jobs(jobs, model, cfg, ecfg, out, device, err, as_json, quiet, debug) -> int:
-    """Load the stack once, stylize each clip, keep going past a bad one; returns the failures."""
-    from .config import model_config, use_persistent_compile_cache
+def _summary(jobs, todo, failed: int) -> str | None:
+    """The line after a run of several inputs: what was done, skipped and failed."""
+    if len(jobs) < 2:
+        return None
+    if not todo:
+        return f"nothing to do: all {len(jobs)} outputs exist (use -y to replace them)"
+    stills = sum(job.still for job in todo)
+    noun = "clip" if not stills else "image" if stills == len(todo) else "input"
+    line = f"{len(todo) - failed} of {len(todo)} {noun}{'s' if len(todo) > 1 else ''} done"
+    if failed:
+        line += f", {failed} failed"
+    if len(jobs) > len(todo):
+        line += f"; {len(jobs) - len(todo)} skipped (output exists)"
+    return line
+
+
+def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
+    """Load the stack once, stylize each input, keep going past a bad one; returns the failures."""
+    from .config import use_persistent_compile_cache
 
     use_persistent_compile_cache()  # before torch is imported
     from .models import load_stack
     from .pipeline import build_stylizer, stylize_video
+    from .stills import stylize_still
 
     _quiet_libraries(debug)
     loading = time.perf_counter()
-    with err.status(f"loading model '{model}' on {device}"):
-        stack = load_stack(model_config(model), device)
-        stylizer = build_stylizer(stack, cfg, ecfg, [job.src for job in jobs], out.fps)
+    with err.status(f"loading model '{opts.model.name}' on {device}"):
+        stack = load_stack(opts.model, device)
+        clips = [job.src for job in jobs if not job.still]
+        stylizer = build_stylizer(stack, opts.pipeline, opts.engine, clips, opts.output.fps)
     load_s = round(time.perf_counter() - loading, 2)
     failed = 0
     try:
         for job in jobs:
             try:
                 with _progress(err, job.src.name, quiet) as on_progress:
-                    stats = stylize_video(job.src, job.dst, stylizer, out, on_progress)
+                    if job.still:
+                        stats = stylize_still(job.src, job.dst, stylizer, on_progress)
+                    else:
+                        stats = stylize_video(job.src, job.dst, stylizer, opts.output, on_progress)
             except Exception as e:  # keep going past a bad clip; the summary and exit code say so
                 failed += 1
                 _report_error(err, e, job.src, debug)
                 continue
             if as_json:
                 since_start = time.perf_counter() - STARTED  # what a user waits: start-up, load, compile
-                typer.echo(json.dumps({**stats.as_dict(), "status": "ok", "model_load_s": load_s, "process_s_at_end": round(since_start, 2)}))
+                record = {**stats.as_dict(), "kind": "still" if job.still else "clip", "status": "ok"}
+                typer.echo(json.dumps({**record, "model_load_s": load_s, "process_s_at_end": round(since_start, 2)}))
             elif not quiet:
-                typer.echo(
-                    f"{job.src} -> {job.dst}: {stats.frames} frames {stats.width}x{stats.height}, "
-                    f"{stats.fps:.1f} fps, latency p50 {stats.latency_p50_ms:.0f} ms, p95 {stats.latency_p95_ms:.0f} ms"
-                )
+                typer.echo(_result_line(job, stats))
     finally:
         stylizer.close()
     return failed
+
+
+def _result_line(job, stats) -> str:
+    if job.still:
+        return f"{job.src} -> {job.dst}: still {stats.width}x{stats.height}, {stats.seconds * 1000:.0f} ms"
+    return (
+        f"{job.src} -> {job.dst}: {stats.frames} frames {stats.width}x{stats.height}, "
+        f"{stats.fps:.1f} fps, latency p50 {stats.latency_p50_ms:.0f} ms, p95 {stats.latency_p95_ms:.0f} ms"
+    )
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While running, SIGTERM raises Terminated on the main thread (the default would kill the
+    process on the spot and leave a partial file behind)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _silence_closed_streams() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what could not be written
+    fails silently rather than printing 'Exception ignored ... BrokenPipeError'."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner's buffer)
+        pass
 
 
 class _progress:
@@ -206,7 +310,10 @@ class _progress:
         self.console, self.name, self.quiet = console, name, quiet
 
     def __enter__(self):
-        if self.quiet:
+        # No bar off a terminal (a log file, a pipe, a test runner): it would show nothing there,
+        # and rich ends a non-interactive bar with an empty line on stderr.
+        self.shown = not self.quiet and self.console.is_interactive
+        if not self.shown:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -227,7 +334,7 @@ class _progress:
         return update
 
     def __exit__(self, *exc):
-        if not self.quiet:
+        if self.shown:
             self.bar.stop()
         return False
 
@@ -286,11 +393,11 @@ def _availability(cfg) -> str:
     return f"not found: `hf download {cfg.source} --revision {cfg.revision} --local-dir DIR`, then --model DIR"
 
 
-run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, epilog=EPILOG)
-run_app.command(epilog=EPILOG)(run)
-sub_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-sub_app.command("styles")(styles)
-sub_app.command("models")(models)
+run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, epilog=EPILOG, context_settings=CONTEXT)
+run_app.command(epilog=EPILOG, cls=_Command)(run)
+sub_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings=CONTEXT)
+sub_app.command("styles", cls=_Command)(styles)
+sub_app.command("models", cls=_Command)(models)
 SUBCOMMANDS = {"styles", "models"}
 
 

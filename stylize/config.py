@@ -1,7 +1,10 @@
 """Typed configuration: frozen dataclasses filled from the YAML presets shipped in the package
 (stylize/presets/models/*.yaml, stylize/presets/styles/*.yaml), then from flags.
 
-Library code only ever sees these objects, never typer or argparse.
+Library code only ever sees these objects, never typer or argparse. Every option is checked here,
+as the objects are built (`run_options` builds them all for a run), before anything heavy is
+imported: a bad flag costs no model load. Output paths are checked where they are planned
+(jobs.plan_jobs), also before anything heavy.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ if TYPE_CHECKING:
 
 HiddenStates = Literal["pre_norm", "post_norm"]
 ModelKind = Literal["pretrained", "random", "tiny"]
+# libx264's speed presets, fastest first (what `--preset` takes)
+X264_PRESETS = (
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -152,8 +159,43 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.crf <= 51:
             raise UsageError(f"--crf must be between 0 and 51, not {self.crf}")
+        if self.preset not in X264_PRESETS:  # else libx264 refuses it only once the first clip opens
+            raise UsageError(f"--preset {self.preset}: not an x264 preset; choose one of {', '.join(X264_PRESETS)}")
         if self.fps is not None and self.fps <= 0:
             raise UsageError(f"--fps must be positive, not {self.fps}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything one `stylize` run is configured by, checked (see `run_options`)."""
+
+    model: ModelConfig
+    pipeline: PipelineConfig
+    engine: EngineConfig
+    output: OutputConfig
+    tag: str  # what output names carry: the style's name or the prompt's slug
+
+
+def run_options(
+    *, style: str | None, prompt: str | None, model: str, steps: int = 1, size: int = 512,
+    crop: str = "none", batch_size: int = 8, seed: int = 0, compile: str = "auto", te_every: int = 1,
+    te_batch_one: bool = False, static_prompt: bool = False, adapter: str | os.PathLike | None = None,
+    adapter_hooks: str = "down_blocks", adapter_every: int = 8, crf: int = 18, preset: str = "medium",
+    audio: bool = True, fps: float | None = None,
+) -> RunOptions:  # fmt: skip
+    """Every option of a run, checked and typed (UsageError on the first bad one). Imports nothing
+    heavy, so the CLI calls it before torch is loaded."""
+    text, tag = instruction(style, prompt)
+    return RunOptions(
+        model=model_config(model),
+        pipeline=PipelineConfig(prompt=text, steps=steps, size=size, crop=crop, batch_size=batch_size, seed=seed),
+        engine=EngineConfig(
+            compile=compile, te_refresh_every=te_every, te_batch_one=te_batch_one, static_prompt=static_prompt,
+            adapter=adapter_file(adapter), adapter_hooks=adapter_hooks, adapter_refresh_every=adapter_every,
+        ),
+        output=OutputConfig(crf=crf, preset=preset, audio=audio, fps=fps),
+        tag=tag,
+    )  # fmt: skip
 
 
 def instruction(style: str | None, prompt: str | None) -> tuple[str, str]:
@@ -204,7 +246,12 @@ def list_presets(kind: str) -> list[str]:
 
 
 def model_config(name_or_dir: str, **overrides: Any) -> ModelConfig:
-    """A model preset by name, or a local folder of real weights (taken as kind "pretrained")."""
+    """Resolve `--model`: the one place a model name becomes a ModelConfig (light: nothing is loaded).
+
+    In order: a shipped preset's name (stylize/presets/models/NAME.yaml); a local folder of real
+    weights in diffusers layout (the `dreamlite-mobile` preset pointed at it); else a UsageError
+    that says what was looked for ("no folder at ..." for anything that looks like a path).
+    """
     path = _preset("models", name_or_dir)
     if path.is_file():
         cfg = _from_dict(ModelConfig, {"name": name_or_dir, **_load_yaml(path)}, path)
@@ -212,11 +259,23 @@ def model_config(name_or_dir: str, **overrides: Any) -> ModelConfig:
         base = model_config("dreamlite-mobile")
         cfg = dataclasses.replace(base, name=name_or_dir, source=str(Path(name_or_dir).expanduser()))
     else:
-        raise UsageError(
-            f"unknown model '{name_or_dir}': give a preset ({', '.join(list_presets('models'))}) "
-            "or a folder holding the weights"
-        )
+        raise UsageError(_no_model(name_or_dir))
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def _no_model(name: str) -> str:
+    folder = Path(name).expanduser().absolute()
+    download = "`hf download carlofkl/DreamLite-mobile --revision diffusers --local-dir DIR`, then --model DIR"
+    if folder.exists():
+        return f"--model {name}: is a file, not a folder of weights (unet/, vae/, text_encoder/, tokenizer/)"
+    if _looks_like_path(name):
+        return f"--model {name}: no folder at {folder}; download the weights with {download}"
+    presets = ", ".join(list_presets("models"))
+    return f"unknown model '{name}': give a preset ({presets}) or a folder of weights (no folder at {folder})"
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "~")) or "/" in name or os.sep in name
 
 
 def style_config(name: str) -> StyleConfig:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ def invoke(*args, app=run_app):
 def test_default_naming_beside_input(clip):
     r = invoke(clip, "--style", "oil", *FAST)
     assert r.exit_code == 0, r.output
+    assert r.stderr == ""  # no stray blank line (rich ends a bar off a terminal with one)
     out = clip.with_name("clip_oil.mp4")
     info = video.probe(out)
     assert info.frames == 10 and (info.display_width, info.display_height) == (64, 48)
@@ -58,6 +63,10 @@ def test_folder_of_videos_and_recursive(tmp_path):
     assert (root / "sub" / "c_anime.mp4").is_file()
     assert not list(root.glob("*_anime_anime.mp4"))
     assert sum(ln.startswith("skip ") for ln in r.stderr.splitlines()) == 2
+    assert "1 of 1 clip done; 2 skipped (output exists)" in r.stderr and "" not in r.stderr.splitlines()
+    # a re-run with everything done says so, and loads no model
+    r = invoke(root, "--style", "anime", "--recursive", *FAST)
+    assert r.exit_code == 0 and "nothing to do: all 3 outputs exist" in r.stderr and "done" not in r.stderr
     # under -o DIR the subfolders are kept
     r = invoke(root, "--style", "anime", "--recursive", "-o", tmp_path / "out", *FAST)
     assert (tmp_path / "out" / "sub" / "c_anime.mp4").is_file() and (tmp_path / "out" / "a_anime.mp4").is_file()
@@ -103,6 +112,14 @@ def test_existing_output_is_skipped_then_replaced_with_yes(clip):
     assert video.probe(out).frames == 10
 
 
+def test_one_output_file_for_several_inputs_is_a_usage_error(tmp_path):
+    a = write_clip(tmp_path / "a.mp4", frames=2)
+    b = write_clip(tmp_path / "b.mp4", frames=2)
+    r = invoke(a, b, "--style", "oil", "-o", tmp_path / "out.mp4", *FAST)
+    assert r.exit_code == 2 and "one file cannot hold 2 outputs" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4"]  # no out.mp4/ folder
+
+
 def test_output_is_never_the_input(clip):
     before = clip.read_bytes()
     r = invoke(clip, "--style", "oil", "-o", clip, "-y", *FAST)
@@ -133,6 +150,8 @@ def test_bad_clip_among_good_ones_exit_1(tmp_path):
         (["--style", "oil", "--model", "no-such-model"], "unknown model"),
         (["--style", "oil", "--crf", "99"], "--crf"),
         (["--style", "oil", "--crop", "diagonal"], "diagonal"),
+        (["--style", "oil", "--model", "tiny", "--preset", "bogus"], "not an x264 preset"),
+        (["--style", "oil", "--model", "./no/such/weights"], "no folder at"),
     ],
 )
 def test_usage_errors_exit_2(clip, args, needle):
@@ -158,6 +177,56 @@ def test_interrupt_exits_130_and_leaves_nothing(clip, monkeypatch):
     assert r.exit_code == 130
     assert not clip.with_name("clip_oil.mp4").exists()
     assert [p.name for p in clip.parent.iterdir()] == ["clip.mp4"]  # no partial file left
+
+
+def test_sigterm_exits_143_and_leaves_nothing(clip, monkeypatch):
+    """SIGTERM cleans up as Ctrl-C does. The handler installed here first stands for the default
+    (which would kill pytest): without the CLI's own, it turns the signal into a clip failure."""
+    from stylize.reference import ReferenceStylizer
+
+    def terminated_mid_clip(self, batch):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM was not raised on the main thread")
+
+    def not_handled(signum, frame):
+        raise RuntimeError("SIGTERM reached the fallback handler")
+
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        monkeypatch.setattr(ReferenceStylizer, "feed", terminated_mid_clip)
+        r = invoke(clip, "--style", "oil", *FAST)
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # the CLI's handler is gone again
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert r.exit_code == 143 and "terminated" in r.stderr
+    assert [p.name for p in clip.parent.iterdir()] == ["clip.mp4"]  # no partial file left
+
+
+def test_json_to_a_closed_pipe_ends_quietly(tmp_path):
+    """`stylize ... --json | head -1`: the reader leaves after one record; the next record's write
+    stops the run with 141 (128 + SIGPIPE, what a shell reports for a tool its pipe closed),
+    with nothing on stderr: no traceback, no 'Exception ignored'."""
+    a = write_clip(tmp_path / "a.mp4", frames=2)
+    b = write_clip(tmp_path / "b.mp4", frames=2)
+    cmd = [sys.executable, "-m", "stylize", a, b, "--style", "oil", "--json", *FAST]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` exits
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert json.loads(first)["status"] == "ok"
+    assert stderr == ""
+
+
+def test_help(tmp_path):
+    """-h is --help; --fps shows its default; yes/no flags show no value placeholder."""
+    long, short = invoke("--help"), invoke("-h")
+    assert long.exit_code == 0 and short.exit_code == 0 and short.stdout == long.stdout
+    text = re.sub(r"[\s│]+", " ", long.stdout)  # rich wraps the table at the terminal width
+    assert "Frame rate of numbered-image folders. [default: 24]" in text
+    assert "<bool>" not in text and "--yes -y Replace" in text and "--help -h Show" in text
+    sub = invoke("styles", "-h", app=sub_app)
+    assert sub.exit_code == 0 and "List the style presets" in sub.stdout and "<bool>" not in sub.stdout
 
 
 def test_json_records_and_quiet(tmp_path):
