@@ -14,45 +14,53 @@ the same seeded plan (stylize/train/mini_data.py). Every random choice of a step
 
 ## The plan (stages run one after another; steps are global)
 
-| stage | trains | on | loss | steps | crops (px) | batch at 256 px | lr |
-|---|---|---|---|---|---|---|---|
-| vae | TAESD encoder + decoder | the crops and their teachers' outputs, both | L1 + Sobel L1 of the round trip | 12,000 | 256, 384, 512 | 32 (x2 images) | 1e-3 |
-| latent | U-Net + Qwen3-VL | DreamLite's one-step edit in latent space: x_t = (1-s) E(teacher) + s noise, input cat([x_t, E(crop)], width), target velocity noise - E(teacher); s = 1 for 3/4 of the samples (the K=1 fast path), else uniform (K=2, 4) | MSE | 40,000 | 256, 384, 512 | 40 | 5e-4 |
-| pixels | U-Net + Qwen3-VL + decoder | K=1 end to end: decode(noise - v) against the teacher's pixels | L1 + Sobel L1 + 0.25 latent MSE | 16,000 | 256, 384, 512 | 20 | 1e-4 |
+| stage | trains | on | loss | steps | batch at 256 px | lr |
+|---|---|---|---|---|---|---|
+| vae | TAESD encoder + decoder | the crops and their teachers' outputs, both | L1 + Sobel L1 of the round trip | 8,000 | 48 (x2 images) | 1e-3 |
+| latent | U-Net + Qwen3-VL | DreamLite's one-step edit in latent space (below) | MSE of the velocity | 34,000 | 64 | 5e-4 |
+| pixels | U-Net + Qwen3-VL + decoder | K=1 end to end: decode(noise - v) against the teacher's pixels | L1 + Sobel L1 + 0.25 latent MSE | 20,000 | 32 | 1e-4 |
 
-Linear warm-up (500 steps), then cosine to a tenth; AdamW (0.9, 0.999), weight decay 0.01 on the
-U-Net and the text encoder; gradients clipped at norm 1; bf16 autocast on CUDA, fp32 weights.
-Crop sides are drawn per step; a step of side S takes batch x (256/S)^2 samples (the same pixels).
+The latent stage: x_s = (1 - s) E(teacher(crop)) + s noise, the U-Net's input cat([x_s, E(crop)],
+width) with t = 1000 s and time_ids [S, S], the text encoder's states of (the crop at 128 px, the
+sample's prompt); target velocity noise - E(teacher). s = 1 for 3/4 of the samples (the K=1 fast
+path), else uniform in (0, 1] (so that --steps 2 and 4 work too). Crop sides 256, 384 or 512 are
+drawn per step; a step of side S takes batch x (256/S)^2 samples (the same pixels), the styles in
+equal shares, each sample's prompt its preset's or, half the time, an alias. Colour jitter
+(brightness, contrast +-12%, saturation +-25%) before the teacher. Linear warm-up (500 steps),
+then cosine to a tenth; AdamW (0.9, 0.999), weight decay 0.01 on the U-Net's and the text
+encoder's matrices; gradients clipped at norm 1; bf16 autocast on CUDA over fp32 weights.
 
-## GPU time, the arithmetic (H200; re-check against the first chunk's printed ms/step)
+## GPU time, the arithmetic (H200; check it against the first chunk's printed ms_per_step)
 
-FLOPs per sample, forward (torch.utils.flop_counter, mini at random init): at 256 px the VAE
-encoder 0.75 G, decoder 4.0 G, U-Net 2.2 G, Qwen3-VL 0.53 G (128 px frame, ~120 tokens); 4x each
-at 512 px but the text encoder's. A training step costs ~3x its forward for what trains, 1x for
-what only runs (frozen encoder, teachers):
-- vae: 2 x 32 x 3 x 4.75 G = 0.91 TFLOP a step, + teachers (~0.3 ms a 256 px frame at batch 16:
-  data/teachers.md's 512 px H200 figures / 4) ~ 10 ms;
-- latent: 40 x (3 x 2.7 + 2 x 0.75) G = 0.38 TFLOP, + teachers ~ 12 ms;
-- pixels: 20 x (3 x 6.7 + 2 x 0.75) G = 0.43 TFLOP, + teachers ~ 6 ms.
-These nets are narrow (16-160 channels, depthwise convolutions), far from the 790 TFLOP/s of a large
-bf16 GEMM: take 20 TFLOP/s (2.5%), which puts compute at 45 / 19 / 22 ms a step. Eager PyTorch
-issues every op from the host; counted with the profiler (`--count-ops`), a step is ~2,900 /
-~3,400 / ~5,000 ops forward + backward + optimiser, at ~6 us each 17 / 20 / 30 ms, overlapping the
-GPU work. Estimate per step: the larger of the two, plus the teachers' calls (~10 small launches
-a style, not overlapped): vae ~55 ms, latent ~35 ms, pixels ~45 ms.
-- vae: 12,000 x 55 ms = 11.0 min;  latent: 40,000 x 35 ms = 23.3 min;  pixels: 16,000 x 45 ms = 12.0 min
-  (the three 46 min; the rest of 1.5 h goes to what follows)
-- each chunk also pays its start: imports, the ONNX teachers, the stills, 14 worker processes:
-  ~45 s of 8 min, so a chunk trains ~7 min: 46 min of steps take 7 chunks, 5 min of starts;
-- the anime workers: cv2.stylization takes ~0.22 s a 512 px frame on one host core (~0.055 s at
-  256 px); a tenth of each step's samples is anime: 4 a step at 256 px in the latent stage, ~0.22
-  core-seconds, which 14 cores make in 16 ms, inside a 35 ms step;
-- the measured step time may be 2x the estimate either way: if the first chunk prints more,
-  scale every stage's steps down by the same factor (`--plan vae=...,latent=...,pixels=...`,
-  recorded with the weights) rather than give up the plan's shape;
-- then evaluation on the GPU machine (eval.py on ../shared/media/davis512sq through the engine,
-  ~5 min) and a rerun of the last chunk from its starting checkpoint for the ±0.3 dB check (~8 min).
-Total: 46 + 5 + 5 + 8 + (margin) ~ 1.5 h of device time, in ~12 calls across sessions of 30 minutes.
+Work a step (FLOPs from torch.utils.flop_counter on mini, a forward at 256 px: VAE encoder 0.75 G,
+decoder 4.0 G, U-Net 2.2 G, Qwen3-VL 0.53 G at its 128 px frame; x4 at 512 px but the text
+encoder; training ~3x a forward for what trains, 1x for what only runs):
+- vae: 96 images x 3 x 4.75 G = 1.37 TFLOP; latent: 64 x (3 x 2.7 + 2 x 0.75) G = 0.61 TFLOP;
+  pixels: 32 x (3 x 6.7 + 2 x 0.75) G = 0.69 TFLOP.
+- These nets are narrow (16-160 channels, depthwise convolutions): far from the 790 TFLOP/s of a
+  large bf16 GEMM. Taking 20 TFLOP/s (2.5%): 68 / 31 / 35 ms. The teachers at 256 px, from
+  data/teachers.md's H200 batch-16 figures at 512 px (multistyle26 1.19 ms a frame, /4 at 256
+  px; the arbitrary pair 0.77 ms, no less at 256 px since it works at 384): 15 / 20 / 10 ms.
+  GPU: vae ~83 ms, latent ~51 ms, pixels ~45 ms a step.
+- The host issues every op (eager PyTorch). `--count-ops` (the profiler on this CPU, mini at
+  64 px): a step's forward, backward and optimiser are 590 ops (vae), 5,850 + 34 a sample
+  (latent), 6,100 + 34 a sample (pixels); the crops and the nine GPU teachers 1,900 + 9 a sample.
+  At ~6 us an op: vae 2,900 ops = 17 ms, latent 10,500 = 63 ms, pixels 9,400 = 56 ms.
+- A step takes the larger: vae ~85 ms (the GPU), latent ~63 ms, pixels ~56 ms (the host).
+  vae 8,000 x 85 ms = 11.3 min; latent 34,000 x 63 ms = 35.7 min; pixels 20,000 x 56 ms = 18.7
+  min: 66 min of steps.
+- Each chunk pays its start (pip install of the two wheels, imports, the ONNX teachers, the
+  stills, 14 worker processes): ~45 s, and ends 20 s early to save; --minutes 8 trains ~6.9 min,
+  so 66 min take 10 chunks, ~8 min of starts.
+- The anime workers keep up: cv2.stylization is ~0.055 s a 256 px frame on one host core (0.22 s
+  at 512 px, data/teachers.md); a tenth of a latent step's 64 samples is 6.4 frames, 0.35
+  core-seconds, which 14 cores make in 25 ms, inside the 63 ms step.
+- Then: the evaluation through the engine on the GPU (~5 min) and, for the issue's ±0.3 dB check,
+  the last chunk rerun from its starting checkpoint (~8 min).
+- Total: 66 + 8 + 5 + 8 = 87 min, ~1.5 h, in 10 training calls and 2 more, 3 calls a session of
+  30 device minutes. The estimate may be off 2x either way: if the first chunk's ms_per_step
+  differs, scale every stage's steps by the same factor (`--plan vae=...,latent=...,pixels=...`,
+  recorded with the weights) rather than change the plan's shape.
 
 ## Checkpoints and what is recorded
 
@@ -105,10 +113,10 @@ class Stage:
     warmup: int = 500
 
 
-PLAN = (
-    Stage("vae", 12_000, 32, 1e-3, ("vae",)),
-    Stage("latent", 40_000, 40, 5e-4, ("unet", "text_encoder")),
-    Stage("pixels", 16_000, 20, 1e-4, ("unet", "text_encoder", "decoder")),
+PLAN = (  # the module docstring gives the arithmetic behind the steps
+    Stage("vae", 8_000, 48, 1e-3, ("vae",)),
+    Stage("latent", 34_000, 64, 5e-4, ("unet", "text_encoder")),
+    Stage("pixels", 20_000, 32, 1e-4, ("unet", "text_encoder", "decoder")),
 )
 SIGMA_ONE_SHARE = 0.75  # latent stage: samples at s = 1 (the K=1 path); the rest uniform in (0, 1]
 SOBEL_WEIGHT = 0.5
@@ -184,10 +192,12 @@ class Mini:
         return params
 
     def tokens(self, prompt: str):
+        """(PromptTokens, M-RoPE positions) of a prompt, made once."""
         if prompt not in self.prompt_tokens:
-            self.prompt_tokens[prompt] = tokenize_prompt(
+            t = tokenize_prompt(
                 self.tokenizer, self.te.config, prompt, self.cfg.te_image_size, self.cfg.prompt_max_tokens
             )
+            self.prompt_tokens[prompt] = (t, mini.prompt_positions(self.te, t))
         return self.prompt_tokens[prompt]
 
 
@@ -235,8 +245,9 @@ def step_loss(stage: Stage, m: Mini, plan, x: torch.Tensor, y: torch.Tensor, gen
     with torch.no_grad():
         source, target = encode01(m.vae, x), encode01(m.vae, y)
     te_size = m.cfg.te_image_size
-    states, mask = mini.encode_prompts(m.te, [m.tokens(p) for p in plan.prompts], resize(x, (te_size, te_size)),
-                                       m.cfg.hidden_states)  # fmt: skip
+    tokens, positions = zip(*(m.tokens(p) for p in plan.prompts))
+    frames = resize(x, (te_size, te_size))
+    states, mask = mini.encode_prompts(m.te, list(tokens), frames, m.cfg.hidden_states, list(positions))
     noise = torch.randn(target.shape, generator=gen, device=gen.device).to(x.device)
     if stage.name == "latent":
         u = torch.rand(b, generator=gen, device=gen.device).to(x.device)
@@ -353,6 +364,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log", type=Path, default=None, help="also append JSON lines of the log here")
     ap.add_argument("--commit", default=None, help="the commit trained (default: git rev-parse HEAD)")
     ap.add_argument("--count-ops", action="store_true", help="count the ops of one step per stage and exit")
+    ap.add_argument(
+        "--bench",
+        default=None,
+        metavar="HxW,...",
+        help="time the reference path on random frames of these sizes (the weights trained so far, "
+        "or the random init), through an export and load_stack, and exit",
+    )
+    ap.add_argument("--bench-batch", type=int, default=1, help="frames a batch in --bench")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads on the CPU (default 1; --bench: torch's own)"
+    )
     args = ap.parse_args(argv)
     if args.minutes > 8:
         ap.error("--minutes is at most 8 (a chunk must fit one device command with room for its start)")
@@ -363,9 +385,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
-    if device.type == "cpu":  # on a shared CPU two torch threads wait on each other (data/teachers.md)
-        torch.set_num_threads(1)
-    torch.backends.cudnn.benchmark = False
+    if device.type == "cpu" and (args.threads or not args.bench):
+        torch.set_num_threads(args.threads or 1)  # on a shared CPU two threads wait on each other (data/teachers.md)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # three crop sides, three batch shapes: tuned once each
     styles = args.styles.split(",") if args.styles else mini.mini_styles()
     # the CPU (smoke runs, tests) takes one sample of each style a step unless told otherwise
     batch = args.batch or (len(styles) if device.type == "cpu" else None)
@@ -389,6 +411,8 @@ def main(argv=None) -> int:
         ckpt.restore_modules(m.modules, tensors)
     if args.export:
         return export(m, record, args.export)
+    if args.bench:
+        return bench(m, record, args, device)
     if args.count_ops:
         return count_ops(m, plan, styles, args, device)
     return train(m, plan, total, record, tensors, styles, args, device)
@@ -500,6 +524,49 @@ def export(m: Mini, record: dict, folder: Path) -> int:
     return 0
 
 
+def bench(m: Mini, record: dict, args, device) -> int:
+    """Frames a second of the plain reference path (stylize.reference.ReferenceStylizer: text
+    encoder, TAESD encode, one U-Net step, decode, resizes) on random uint8 frames, mini exported
+    and loaded back with load_stack as `stylize --model mini` would; the best of five batches
+    after a warm-up, and the load time."""
+    import tempfile
+
+    from stylize.config import PipelineConfig
+    from stylize.models import load_stack
+    from stylize.reference import ReferenceStylizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mini.save_mini(tmp, m.unet, m.vae, m.te_full, m.tokenizer, {"step": record["step"]})
+        t = time.perf_counter()
+        stack = load_stack(dataclasses.replace(m.cfg, source=tmp), device)
+        load_s = time.perf_counter() - t
+    rows = []
+    for hw in [tuple(int(v) for v in s.split("x")) for s in args.bench.split(",")]:
+        b = args.bench_batch
+        cfg = PipelineConfig(prompt=mini.style_prompts("oil")[0], size=max(hw), batch_size=b)
+        stylizer = ReferenceStylizer(stack, cfg)
+        frames = np.random.default_rng(0).integers(0, 256, (b, *hw, 3), dtype=np.uint8)
+        stylizer.stylize(frames)  # warm-up
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            stylizer.stylize(frames)
+            times.append(time.perf_counter() - t)
+        rows.append({"hw": list(hw), "batch": b, "fps_best": round(b / min(times), 2),
+                     "fps_median": round(b / float(np.median(times)), 2)})  # fmt: skip
+    load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                      "load_avg": load_avg, "trained_steps": record["step"], "load_s": round(load_s, 2),
+                      "rows": rows}))  # fmt: skip
+    return 0
+
+
+def outer_ops(prof) -> int:
+    """The outermost aten op of each call stack, backward's included (they sit under autograd nodes)."""
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))  # fmt: skip
+
+
 def count_ops(m: Mini, plan, styles, args, device) -> int:
     """Ops a training step issues, per stage (forward, backward, optimiser), for the launch-bound estimate."""
     from torch.profiler import ProfilerActivity, profile
@@ -510,14 +577,21 @@ def count_ops(m: Mini, plan, styles, args, device) -> int:
         params = m.trainable(stage)
         optimizer = optimizer_for(params, device)
         p, x, y = batches.get(start, start + 1)
-        gen = torch.Generator(device).manual_seed(0)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            out = step_loss(stage, m, p, x, y, gen)
+
+        def one_step(stage=stage, optimizer=optimizer, params=params, p=p, x=x, y=y):
+            out = step_loss(stage, m, p, x, y, torch.Generator(device).manual_seed(0))
+            optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             optimizer.step()
-        ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and not e.cpu_parent)
-        print(json.dumps({"stage": stage.name, "batch": len(p.styles), "side": p.side, "top_level_aten_ops": ops}))
+
+        one_step()  # fills the per-prompt caches and the optimiser's state
+        with profile(activities=[ProfilerActivity.CPU]) as prof_data:
+            batches.get(start + 1, start + 2)  # crops and teachers of the next step
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            one_step()
+        print(json.dumps({"stage": stage.name, "batch": len(p.styles), "side": p.side,
+                          "step_ops": outer_ops(prof), "data_ops": outer_ops(prof_data)}))  # fmt: skip
         start += stage.steps
     batches.close()
     return 0

@@ -80,15 +80,17 @@ def test_tokenizer_knows_every_style():
 
 
 def test_batched_prompts_equal_one_at_a_time(tiny_stack):
-    """A training batch mixes prompts (right-padded, masked): each row equals `encode` on its own."""
+    """A training batch mixes prompts (right-padded, masked): each row equals `encode` on its own,
+    with the stock call's positions or the ones read off it once per prompt."""
     from stylize.models.text_encoder import encode, tokenize_prompt
 
     te, tok = tiny_stack.text_encoder, tiny_stack.tokenizer
     prompts = ["make it an oil painting", "transfer this to a pencil sketch, black and white, fine hatching", "ink"]
     tokens = [tokenize_prompt(tok, te.config, p, 64, 64) for p in prompts]
     frames = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    for hidden in ("post_norm", "pre_norm"):
-        states, mask = mini.encode_prompts(te, tokens, frames, hidden)
+    positions = [mini.prompt_positions(te, t) for t in tokens]
+    for hidden, pos in (("post_norm", None), ("pre_norm", None), ("post_norm", positions)):
+        states, mask = mini.encode_prompts(te, tokens, frames, hidden, pos)
         for i, t in enumerate(tokens):
             one, one_mask = encode(te, t, frames[i : i + 1], hidden)
             torch.testing.assert_close(states[i : i + 1], one, rtol=0, atol=1e-5)

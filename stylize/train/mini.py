@@ -165,12 +165,34 @@ def weights_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
 
 
-def encode_prompts(text_encoder, tokens: list, frames_bchw: torch.Tensor, hidden_states: str = "post_norm"):
+def prompt_positions(text_encoder, tokens) -> torch.Tensor | None:
+    """The positions (P, 1, L) that the language model receives for one prompt with one frame
+    (Qwen3-VL's M-RoPE rows), read off a stock call, as fast_te reads its static parts, so that
+    any transformers version's layout comes back as it went in. Passed to `encode_prompts`, they
+    spare each step the stock per-sample rope-index loop."""
+    vision = text_encoder.config.vision_config
+    side = vision.patch_size * vision.spatial_merge_size * round(int(tokens.mm_token_type_ids.sum()) ** 0.5)  # square
+    captured: list[torch.Tensor] = []
+    hook = text_encoder.language_model.register_forward_pre_hook(
+        lambda m, a, kw: captured.append(kw.get("position_ids")), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            frame = torch.zeros(1, 3, side, side, device=text_encoder.device)
+            encode_prompts(text_encoder, [tokens], frame)
+    finally:
+        hook.remove()
+    return None if captured[-1] is None else captured[-1].detach()  # None: this version did not pass them
+
+
+def encode_prompts(text_encoder, tokens: list, frames_bchw: torch.Tensor, hidden_states: str = "post_norm",
+                   positions: list[torch.Tensor] | None = None):  # fmt: skip
     """`text_encoder.encode` for a batch whose frames each carry their own prompt (training mixes
     styles in a batch): the token ids right-padded to one length and masked. Attention is causal,
     so the real tokens never see the padding and each row equals `encode` of its own prompt (a
     test checks). tokens: one PromptTokens per frame, all of one prefix and fixed length; frames
-    (B, 3, S, S) float in [0, 1] at the encoder's image size. Returns (states (B, max_len, hidden),
+    (B, 3, S, S) float in [0, 1] at the encoder's image size; positions: each prompt's
+    `prompt_positions` (None: the stock call computes them). Returns (states (B, max_len, hidden),
     mask (B, max_len) int64) as `encode` does."""
     from ..models.text_encoder import patchify
 
@@ -193,6 +215,11 @@ def encode_prompts(text_encoder, tokens: list, frames_bchw: torch.Tensor, hidden
     pixel_values = patchify(
         frames_bchw.float(), vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
     )
+    extra = {}
+    if positions is not None and all(
+        p is not None for p in positions
+    ):  # (P, 1, L_i) each -> (P, B, longest); the padding's positions are masked out
+        extra["position_ids"] = torch.cat([F.pad(p, (0, longest - p.shape[-1])) for p in positions], dim=1).to(device)
     captured: list[torch.Tensor] = []
     hook = None
     if hidden_states == "pre_norm":  # the final norm's input, as text_encoder.encode takes it
@@ -202,7 +229,7 @@ def encode_prompts(text_encoder, tokens: list, frames_bchw: torch.Tensor, hidden
             input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False,
             pixel_values=pixel_values.to(text_encoder.dtype),
             image_grid_thw=torch.tensor([[1, grid, grid]] * b, device=device),
-            mm_token_type_ids=mm.to(device),
+            mm_token_type_ids=mm.to(device), **extra,
         )  # fmt: skip
     finally:
         if hook is not None:
