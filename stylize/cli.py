@@ -69,7 +69,12 @@ class Crop(str, Enum):
 def _console(quiet: bool = False):
     from rich.console import Console
 
-    return Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
+    class Stderr(Console):
+        def on_broken_pipe(self) -> None:  # rich's own exits with 1; stop as for a closed stdout
+            self.quiet = True
+            raise BrokenPipeError
+
+    return Stderr(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -153,8 +158,17 @@ def run(
 ) -> None:
     """Restyle videos: `stylize clip.mp4 --style oil` writes clip_oil.mp4 beside the input."""
     try:
+        _run_reported({k: v for k, v in locals().items() if k != "version"}, debug)
+    except BrokenPipeError:  # whoever read our output has gone (`| head -1`): stop quietly
+        _silence_closed_streams()
+        raise typer.Exit(EXIT_BROKEN_PIPE)
+
+
+def _run_reported(options: dict, debug: bool) -> None:
+    """`_run`, its errors turned into one line and an exit code."""
+    try:
         with _sigterm_raises():
-            _run(**{k: v for k, v in locals().items() if k != "version"})
+            _run(**options)
     except StylizeError as e:
         _report_error(_console(), e, debug=debug)
         raise typer.Exit(e.exit_code)
@@ -164,10 +178,7 @@ def run(
     except Terminated:
         _console().print("terminated")
         raise typer.Exit(EXIT_TERMINATED)
-    except BrokenPipeError:  # whoever read our output has gone (`| head -1`): stop quietly
-        _silence_closed_streams()
-        raise typer.Exit(EXIT_BROKEN_PIPE)
-    except (typer.Exit, SystemExit):
+    except (typer.Exit, SystemExit, BrokenPipeError):
         raise
     except Exception as e:  # unexpected: one line, the traceback only with --debug
         _report_error(_console(), e, debug=debug)
@@ -294,13 +305,16 @@ def _sigterm_raises():
 
 
 def _silence_closed_streams() -> None:
-    """Point stdout at /dev/null, so that the interpreter's last flush of what could not be written
-    fails silently rather than printing 'Exception ignored ... BrokenPipeError'."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner's buffer)
-        pass
+    """Point stdout and stderr at /dev/null (nothing more is printed), so that the interpreter's
+    last flush of what could not be written fails silently rather than printing 'Exception
+    ignored ... BrokenPipeError'."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner's buffer)
+            pass
+    os.close(devnull)
 
 
 class _progress:

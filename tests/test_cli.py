@@ -218,6 +218,19 @@ def test_json_to_a_closed_pipe_ends_quietly(tmp_path):
     assert stderr == ""
 
 
+def test_closed_stderr_ends_quietly_too(clip, monkeypatch):
+    """A notice into a closed stderr (`2>&1 | head -1`) stops the run like a closed stdout (141),
+    not with rich's own exit 1."""
+    from rich.console import Console
+
+    def closed(self):
+        raise BrokenPipeError
+
+    clip.with_name("clip_oil.mp4").write_bytes(b"done")  # its skip notice is the first write
+    monkeypatch.setattr(Console, "_write_buffer", closed)
+    assert invoke(clip, "--style", "oil", *FAST).exit_code == 141
+
+
 def test_help(tmp_path):
     """-h is --help; --fps shows its default; yes/no flags show no value placeholder."""
     long, short = invoke("--help"), invoke("-h")
