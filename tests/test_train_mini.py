@@ -149,9 +149,17 @@ def test_checkpoint_budget_and_restore(tmp_path):
     opt2.step()  # the restored state is a working AdamW state
 
 
-def test_train_resume_export_load(train_mini, tmp_path, one_thread):
+def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch):
     """Two steps, a checkpoint, a resume through the end of all three stages (a mid-stage resume
-    restores the optimiser), an export in diffusers layout that load_stack reads as `mini`."""
+    restores the optimiser), an export in diffusers layout that load_stack reads as `mini`. On
+    three made-up crops: a fresh clone (CI) has no prepared .data/."""
+    from stylize.train import data as train_data
+    from tests.test_data import _fake_prepared
+
+    crops, manifest = _fake_prepared(tmp_path)
+    real_stills, real_items = train_data.load_stills, train_data.train_items
+    monkeypatch.setattr(train_data, "load_stills", lambda *a, **k: real_stills(crops, manifest, tmp_path / "train.txt"))
+    monkeypatch.setattr(train_data, "train_items", lambda *a, **k: real_items(manifest, tmp_path / "train.txt"))
     common = ["--device", "cpu", "--size", "64", "--batch", "3", "--styles", "sketch,pixel-art,anime",
               "--plan", "vae=3,latent=1,pixels=1", "--commit", "test"]  # fmt: skip
     out = tmp_path / "ckpt.safetensors"
