@@ -26,8 +26,9 @@ One model for every style preset with a teacher, the style chosen by the prompt 
 one of its aliases, stylize/train/mini.py). Each step cuts its crops from the licence-clean stills
 (data/train.txt) on the device, and makes its targets there with the teachers' torch forms;
 anime's `cv2.stylization` has none, so CPU worker processes make its samples a few steps ahead from
-the same seeded plan (stylize/train/mini_data.py; the step itself: stylize/train/mini_steps.py). Every random choice of a step comes from
-(seed, stage, step): a resumed run sees the samples an uninterrupted one would have.
+the same seeded plan (stylize/train/mini_data.py; the step itself is stylize/train/mini_steps.py).
+Every random choice of a step comes from (seed, stage, step): a resumed run sees the samples an
+uninterrupted one would have.
 
 ## The plan (stages run one after another; steps are global)
 
