@@ -393,6 +393,13 @@ def _availability(cfg) -> str:
         return "available (random weights, built on first use)"
     if cfg.kind == "random":
         return "available (random weights at full size; for GPU benchmarks)"
+    from .config import packaged_folder
+
+    shipped = packaged_folder(cfg.source)
+    if shipped is not None:  # weights that ship inside the package (mini)
+        if any(shipped.glob("*/*.safetensors")):
+            return f"shipped in the package ({shipped})"
+        return "not trained yet: scripts/train_mini.py trains it on a GPU machine and writes it into the package"
     source = Path(cfg.source or "").expanduser()
     if source.is_dir():
         return f"found at {source}"

@@ -217,6 +217,17 @@ def adapter_file(path: str | os.PathLike | None) -> str | None:
     return str(path)
 
 
+PACKAGED = "package:"  # a model source inside the installed stylize package, e.g. "package:weights/mini"
+
+
+def packaged_folder(source: str | None) -> Path | None:
+    """The folder a "package:<path>" source names inside the installed stylize package (found with
+    importlib.resources, so it works from a wheel as from the checkout); None for other sources."""
+    if not source or not source.startswith(PACKAGED):
+        return None
+    return Path(str(resources.files("stylize").joinpath(*source[len(PACKAGED) :].split("/"))))
+
+
 def _preset(kind: str, name: str) -> Traversable:
     """The preset file `name` of `kind` ("models" or "styles"), shipped as package data."""
     return resources.files("stylize") / "presets" / kind / f"{name}.yaml"

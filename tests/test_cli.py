@@ -294,6 +294,8 @@ def test_styles_and_models_commands():
     assert r.exit_code == 0 and "oil" in r.stdout and "vibrant colors" in r.stdout
     r = invoke("models", app=sub_app)
     assert r.exit_code == 0 and "tiny" in r.stdout and "random-full" in r.stdout and "dreamlite-mobile" in r.stdout
+    mini = next(ln for ln in r.stdout.splitlines() if ln.split()[:1] == ["mini"])
+    assert "hf download" not in mini and ("not trained yet" in mini or "shipped in the package" in mini)
 
 
 def test_version_and_help_are_instant():

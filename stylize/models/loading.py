@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, packaged_folder
 from ..errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -116,19 +116,6 @@ def _check_local(root: Path, cfg: ModelConfig) -> None:
                     f"model '{cfg.name}': {what} incomplete: no {pattern} in {folder} "
                     f"(safetensors weights only); {how}"
                 )
-
-
-PACKAGED = "package:"  # a source inside the installed stylize package, e.g. "package:weights/mini"
-
-
-def packaged_folder(source: str | None) -> Path | None:
-    """The folder a "package:<path>" source names inside the installed stylize package (found with
-    importlib.resources, so it works from a wheel as from the checkout); None for other sources."""
-    if not source or not source.startswith(PACKAGED):
-        return None
-    from importlib import resources
-
-    return Path(str(resources.files("stylize").joinpath(*source[len(PACKAGED) :].split("/"))))
 
 
 def _load_pretrained(cfg: ModelConfig, source: str | None, device, dtype) -> ModelStack:
