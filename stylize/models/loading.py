@@ -171,16 +171,22 @@ def build_tokenizer(vocab_size: int = 2000):
     with Qwen's special tokens, wrapped as the stock Qwen2 tokenizer class. It stands in for Qwen's
     real tokenizer, which cannot be downloaded here; sequence lengths come out close to the real ones.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-
     from .text_encoder import EDIT_TEMPLATE, decorate
 
     corpus = [EDIT_TEMPLATE.format(decorate(p)) for p in _style_prompts()] * 4
+    return train_bpe_tokenizer(corpus, vocab_size)
+
+
+def train_bpe_tokenizer(corpus: list[str], bpe_vocab_size: int):
+    """A byte-level BPE trained on `corpus` (`bpe_vocab_size` tokens before Qwen's special ones are
+    added), wrapped as the stock Qwen2 tokenizer class."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=bpe_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     bpe.train_from_iterator(corpus, trainer)
     model = json.loads(bpe.to_str())["model"]

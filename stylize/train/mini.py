@@ -67,25 +67,9 @@ def build_mini_tokenizer(vocab_size: int = 1024):
     `tokenizer_corpus()`, with Qwen's special tokens, wrapped as the stock Qwen2 tokenizer class
     (as `stylize.models.loading.build_tokenizer` makes the stand-in). Deterministic: the same
     presets and aliases give the same vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
+    from ..models.loading import train_bpe_tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(tokenizer_corpus(), trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tok = Qwen2Tokenizer(
-        vocab=model["vocab"], merges=merges, unk_token=None, bos_token=None,
-        eos_token="<|im_end|>", pad_token="<|endoftext|>",
-    )  # fmt: skip
-    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
-    return tok
+    return train_bpe_tokenizer(tokenizer_corpus(), vocab_size - len(QWEN_SPECIAL_TOKENS))
 
 
 def text_encoder_config(cfg, tokenizer):
