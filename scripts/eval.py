@@ -144,10 +144,7 @@ class Sources:
     def stylizer(self, preset: str, style: str):
         from stylize.config import PipelineConfig, model_config, style_config
         from stylize.models import load_stack
-        try:
-            from stylize.pipeline import build_stylizer
-        except ImportError:  # its name before the pipeline's rework
-            from stylize.pipeline import make_stylizer as build_stylizer
+        from stylize.pipeline import build_stylizer
 
         if preset not in self.stacks:
             self.stacks[preset] = load_stack(model_config(preset), self.args.device)
