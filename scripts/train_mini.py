@@ -184,6 +184,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--export", type=Path, default=None, help="write the weights in diffusers layout here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plan", default=None, help="steps per stage, e.g. vae=12000,latent=40000,pixels=16000")
+    ap.add_argument(
+        "--fit",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="starting afresh: time a few steps of each stage here, then scale the plan's steps to take "
+        "MINUTES of steps (recorded with the weights; a resume goes on with the stored plan)",
+    )
     ap.add_argument("--size", type=int, default=None, help="the only crop side (smoke runs)")
     ap.add_argument(
         "--batch",
@@ -226,24 +234,35 @@ def main(argv=None) -> int:
     # the CPU (smoke runs, tests) takes one sample of each style a step unless told otherwise
     batch = args.batch or (len(styles) if device.type == "cpu" else None)
     plan = plan_with(args.plan, args.size, batch)
-    total = sum(s.steps for s in plan)
     cfg = model_config("mini")
     tok = mini.build_mini_tokenizer()
+    resuming = args.resume is not None and args.resume.is_file()
+    fit = None
+    if resuming and not args.plan:  # the plan a run started with (--fit's included) is the plan it goes on with
+        stored_plan = ckpt.load_checkpoint(args.resume, metadata_only=True)[1]["plan"]
+        plan = tuple(Stage(**{**s, "sizes": tuple(s["sizes"]), "trains": tuple(s["trains"])}) for s in stored_plan)
+    elif args.fit and not (args.export or args.bench or args.count_ops):
+        rates = probe(cfg, tok, plan, styles, args, device)
+        plan = fit_plan(plan, rates, args.fit)
+        fit = {"minutes": args.fit, "s_per_step": {k: round(v, 4) for k, v in rates.items()},
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}  # fmt: skip
+        print(json.dumps({"fit": fit, "plan": {s.name: s.steps for s in plan}}), flush=True)
+    total = sum(s.steps for s in plan)
     m = Mini(cfg, tok, args.seed, device)
     record = json_normal({
         "seed": args.seed, "plan": [dataclasses.asdict(s) for s in plan], "styles": styles,
         "config_sha256": sha256_of(dataclasses.asdict(cfg)), "tokenizer_sha256": tokenizer_sha(tok),
-        "data": data_record(), "chunks": [], "step": 0,
+        "data": data_record(), "chunks": [], "step": 0, "fit": fit,
     })  # fmt: skip
     tensors = None
-    if args.resume and args.resume.is_file():
+    if resuming:
         tensors, stored = ckpt.load_checkpoint(args.resume)
         # exporting or timing needs the same model; training on needs the same run too
         same = ("config_sha256", "tokenizer_sha256")
         for key in same if (args.export or args.bench) else (*same, "seed", "plan", "styles", "data"):
             if stored.get(key) != record[key]:
                 sys.exit(f"train_mini.py: {args.resume} was trained with another {key}; start afresh or match it")
-        record = stored
+        record = {"fit": None, **stored}
         ckpt.restore_modules(m.modules, tensors)
     if args.export:
         return export(m, record, args.export)
@@ -259,11 +278,7 @@ def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device
     if step >= total:
         print(f"train_mini.py: the plan is done ({step} of {total} steps); --export DIR writes the weights")
         return 0
-    workers = (
-        args.workers
-        if args.workers is not None
-        else (max(1, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0)
-    )
+    workers = default_workers(args, device)
     batches = Batches(train_data.load_stills(), styles, plan, args.seed, device, workers, ahead=2 * max(1, workers))
     log_every = args.log_every or (100 if device.type == "cuda" else 1)
     budget_s = args.minutes * 60 - 20  # the final save and the return of the file
@@ -284,15 +299,7 @@ def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device
                 stage_index = index
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(stage, local)
-            gen = torch.Generator(device).manual_seed(step_seed(args.seed, index, step))
-            p, x, y = batches.get(step, total)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = step_loss(stage, m, p, x, y, gen)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-            optimizer.step()
-            losses.append({k: v.detach() for k, v in out.items()})
+            losses.append(one_step(m, stage, index, optimizer, params, batches, step, total, args.seed, device))
             step, done_here = step + 1, done_here + 1
             if done_here % log_every == 0 or step == total:
                 log(losses[-log_every:], stage, step, total, done_here, t_start, plan, args.log)
@@ -309,6 +316,67 @@ def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device
         batches.close()
     print(f"train_mini.py: step {step} of {total}; checkpoint {args.out} ({args.out.stat().st_size:,} bytes)")
     return 0
+
+
+def one_step(m: Mini, stage: Stage, index: int, optimizer, params, batches, step: int, total: int, seed: int,
+             device) -> dict:
+    """One optimiser step of `stage` on step `step`'s samples; its losses, detached."""
+    gen = torch.Generator(device).manual_seed(step_seed(seed, index, step))
+    p, x, y = batches.get(step, total)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = step_loss(stage, m, p, x, y, gen)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+    optimizer.step()
+    return {k: v.detach() for k, v in out.items()}
+
+
+def probe(cfg, tok, plan, styles, args, device, steps: int = 24) -> dict[str, float]:
+    """Seconds a step of each stage on this machine: `steps` steps of each on a throwaway model
+    (the first half not timed: cudnn's tuning, the workers' start), for --fit."""
+    m = Mini(cfg, tok, args.seed + 1, device)
+    short = tuple(dataclasses.replace(s, steps=steps) for s in plan)
+    workers = default_workers(args, device)
+    batches = Batches(train_data.load_stills(), styles, short, args.seed + 1, device, workers, ahead=2 * max(1, workers))
+    rates = {}
+    try:
+        for index, stage in enumerate(short):
+            params = m.trainable(stage)
+            optimizer = optimizer_for(params, device)
+            for module in m.modules.values():
+                module.train()
+            for local in range(steps):
+                if local == steps // 2:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.monotonic()
+                one_step(m, stage, index, optimizer, params, batches, index * steps + local, 3 * steps,
+                         args.seed + 1, device)  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[stage.name] = (time.monotonic() - t) / (steps - steps // 2)
+    finally:
+        batches.close()
+    del m
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rates
+
+
+def fit_plan(plan, rates: dict[str, float], minutes: float) -> tuple[Stage, ...]:
+    """The plan's shape (each stage's share of the steps) scaled so that its steps take `minutes`
+    at the probed rates; steps rounded to hundreds."""
+    seconds = sum(s.steps * rates[s.name] for s in plan)
+    f = minutes * 60 / seconds
+    scaled = [max(100, round(s.steps * f / 100) * 100) for s in plan]
+    return tuple(dataclasses.replace(s, steps=n, warmup=min(s.warmup, n // 10)) for s, n in zip(plan, scaled))
+
+
+def default_workers(args, device) -> int:
+    if args.workers is not None:
+        return args.workers
+    return max(1, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0
 
 
 def stage_at_or_end(plan, step: int) -> int | None:

@@ -95,12 +95,12 @@ def save_checkpoint(path: str | Path, modules, optimizer, params, meta: dict,
     return len(data), block
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: str | Path, metadata_only: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["mini"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+        tensors = {} if metadata_only else {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     return tensors, meta
 
 
