@@ -417,7 +417,8 @@ def export(m: Mini, record: dict, folder: Path) -> int:
     if record["step"] < total:
         print(f"train_mini.py: warning: exporting after {record['step']} of {total} steps", file=sys.stderr)
     meta = {
-        k: record[k] for k in ("seed", "step", "plan", "styles", "config_sha256", "tokenizer_sha256", "data", "chunks")
+        k: record.get(k)
+        for k in ("seed", "step", "plan", "fit", "styles", "config_sha256", "tokenizer_sha256", "data", "chunks")
     }
     mini.save_mini(folder, m.unet, m.vae, m.te_full, m.tokenizer, meta)
     size = mini.weights_bytes(folder)

@@ -54,6 +54,11 @@ class ModelConfig:
     text_encoder: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    # the style presets a model was trained on (mini); a --prompt must name one of them (by its
+    # name or an alias). None: the model follows any instruction (DreamLite)
+    styles: list[str] | None = None
+    cpu_size: int | None = None  # working long side on a CPU when --size is not given (else 512)
+    cpu_threads: int | None = None  # torch threads on a CPU (None: torch's own choice)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,12 @@ class StyleConfig:
     # the stylizer that teaches `mini` this style (stylize/train/teachers.py), e.g.
     # {"kind": "multistyle26", "index": 14}; None for a style no teacher renders
     teacher: dict[str, Any] | None = None
+    # other ways of asking for it: mini is trained on them as prompts too, and a --prompt given to
+    # a model that knows only its styles is matched against them (match_style)
+    aliases: list[str] = field(default_factory=list)
+
+
+DEFAULT_SIZE = 512  # the working long side unless --size or, on a CPU, the model's cpu_size says otherwise
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ class PipelineConfig:
 
     prompt: str
     steps: int = 1
-    size: int = 512
+    size: int = DEFAULT_SIZE
     crop: Literal["none", "center"] = "none"
     batch_size: int = 8
     seed: int = 0
@@ -174,38 +185,103 @@ class RunOptions:
     engine: EngineConfig
     output: OutputConfig
     tag: str  # what output names carry: the style's name or the prompt's slug
+    notices: tuple[str, ...] = ()  # one line each, for stderr: which model a default picked, a prompt matched
+    size_given: bool = True  # False: the working size is the device's default (on_device)
+
+    def on_device(self, device: str) -> RunOptions:
+        """The options for `device`: a model's CPU working size when --size was not given."""
+        if device != "cpu" or self.size_given or not self.model.cpu_size:
+            return self
+        pipeline = dataclasses.replace(self.pipeline, size=self.model.cpu_size)
+        return dataclasses.replace(self, pipeline=pipeline, size_given=True)
 
 
 def run_options(
-    *, style: str | None, prompt: str | None, model: str, steps: int = 1, size: int = 512,
+    *, style: str | None, prompt: str | None, model: str | None, steps: int = 1, size: int | None = None,
     crop: str = "none", batch_size: int = 8, seed: int = 0, compile: str = "auto", te_every: int = 1,
     te_batch_one: bool = False, static_prompt: bool = False, adapter: str | os.PathLike | None = None,
     adapter_hooks: str = "down_blocks", adapter_every: int = 8, crf: int = 18, preset: str = "medium",
     audio: bool = True, fps: float | None = None,
 ) -> RunOptions:  # fmt: skip
     """Every option of a run, checked and typed (UsageError on the first bad one). Imports nothing
-    heavy, so the CLI calls it before torch is loaded."""
-    text, tag = instruction(style, prompt)
+    heavy, so the CLI calls it before torch is loaded. `model` None: default_model() picks one;
+    `size` None: DEFAULT_SIZE, or the model's cpu_size once the device is known (on_device)."""
+    notices = []
+    if model is None:
+        chosen = default_model()
+        cfg = chosen.config
+        if chosen.fallback:
+            notices.append(
+                f"using '{cfg.name}', the small model shipped with stylize: {chosen.why}; for the full model "
+                "set STYLIZE_MODEL=DIR (`stylize models` says how to get it)"
+            )
+    else:
+        cfg = model_config(model)
+    text, tag, matched = instruction(style, prompt, cfg)
+    if matched:
+        notices.append(matched)
     return RunOptions(
-        model=model_config(model),
-        pipeline=PipelineConfig(prompt=text, steps=steps, size=size, crop=crop, batch_size=batch_size, seed=seed),
+        model=cfg,
+        pipeline=PipelineConfig(
+            prompt=text, steps=steps, size=size or DEFAULT_SIZE, crop=crop, batch_size=batch_size, seed=seed
+        ),
         engine=EngineConfig(
             compile=compile, te_refresh_every=te_every, te_batch_one=te_batch_one, static_prompt=static_prompt,
             adapter=adapter_file(adapter), adapter_hooks=adapter_hooks, adapter_refresh_every=adapter_every,
         ),
         output=OutputConfig(crf=crf, preset=preset, audio=audio, fps=fps),
         tag=tag,
+        notices=tuple(notices),
+        size_given=size is not None,
     )  # fmt: skip
 
 
-def instruction(style: str | None, prompt: str | None) -> tuple[str, str]:
-    """(the prompt the model reads, the tag output names carry) from exactly one of a style
-    preset's name or a free-text prompt."""
+def instruction(style: str | None, prompt: str | None, model: ModelConfig | None = None) -> tuple[str, str, str | None]:
+    """(the prompt the model reads, the tag output names carry, a notice or None) from exactly
+    one of a style preset's name or a free-text prompt. A model that knows only its styles
+    (`model.styles`) takes a prompt only when it names one of them (match_style), and reads
+    that style's own prompt."""
     if (style is None) == (prompt is None):
         raise UsageError("give exactly one of --style NAME or --prompt TEXT")
+    known = model.styles if model is not None else None
     if style is not None:
-        return style_config(style).prompt, style
-    return prompt, prompt_slug(prompt)
+        preset = style_config(style)
+        if known is not None and style not in known:
+            raise UsageError(f"model '{model.name}' was not trained on style '{style}'; its styles: {', '.join(known)}")
+        return preset.prompt, style, None
+    if known is None:
+        return prompt, prompt_slug(prompt), None
+    matched = match_style(prompt, known)
+    if matched is None:
+        raise UsageError(
+            f"model '{model.name}' follows only the styles it was trained on, and --prompt {prompt!r} names none "
+            f"of them: {', '.join(known)} (their other names: `stylize styles`); the full model follows "
+            "free-form instructions"
+        )
+    return (
+        style_config(matched).prompt,
+        matched,
+        f"--prompt {prompt!r} is the style '{matched}' for model '{model.name}'",
+    )
+
+
+def _words(text: str) -> str:
+    """Lower-case words separated by single spaces (\"Make it an Oil-painting!\" -> \"make it an oil painting\")."""
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
+def match_style(prompt: str, styles: list[str]) -> str | None:
+    """The one style of `styles` that `prompt` asks for: the prompt is the style's name, prompt or
+    an alias (case, punctuation and spacing aside), or else contains exactly one style's name or
+    alias as whole words ("turn it into a watercolour please" -> watercolor). None when it names
+    none, or more than one."""
+    words = _words(prompt)
+    names = {s: {_words(n) for n in (s, style_config(s).prompt, *style_config(s).aliases)} for s in styles}
+    exact = [s for s, ns in names.items() if words in ns]
+    if exact:
+        return exact[0]
+    inside = [s for s, ns in names.items() if any(re.search(rf"\b{re.escape(n)}\b", words) for n in ns if n)]
+    return inside[0] if len(inside) == 1 else None
 
 
 def adapter_file(path: str | os.PathLike | None) -> str | None:
@@ -218,6 +294,72 @@ def adapter_file(path: str | os.PathLike | None) -> str | None:
 
 
 PACKAGED = "package:"  # a model source inside the installed stylize package, e.g. "package:weights/mini"
+FULL_MODEL = "dreamlite-mobile"  # what runs by default when its weights are on this machine
+FALLBACK_MODEL = "mini"  # what runs by default otherwise
+FULL_MODEL_HINT = (
+    "For the full model (diffusion quality, free-form instructions) set STYLIZE_MODEL=DIR to its weights, "
+    "or `hf download carlofkl/DreamLite-mobile --revision diffusers` (gated: request access first)"
+)
+# what a folder of weights in diffusers layout must hold: subfolder -> (what it is, file patterns)
+WEIGHT_FILES = {
+    "unet": ("DreamLite U-Net", ["config.json", "*.safetensors"]),
+    "vae": ("TAESD (AutoencoderTiny)", ["config.json", "*.safetensors"]),
+    "text_encoder": ("Qwen3-VL text encoder", ["config.json", "*.safetensors"]),
+    "tokenizer": ("Qwen tokenizer", ["tokenizer_config.json"]),
+}
+
+
+def missing_weights(root: Path) -> str | None:
+    """What the first missing part of a weights folder is (\"no *.safetensors in DIR/unet\"), or None."""
+    if not root.is_dir():
+        return f"no folder at {root}"
+    for sub, (what, patterns) in WEIGHT_FILES.items():
+        for pattern in patterns:
+            if not any((root / sub).glob(pattern)):
+                return f"{what} incomplete: no {pattern} in {root / sub}"
+    return None
+
+
+def hub_cache_folder(cfg: ModelConfig) -> Path | None:
+    """The complete snapshot of `cfg`'s hub repository in the local Hugging Face cache, or None.
+    Never touches the network (local_files_only)."""
+    if not cfg.source or Path(cfg.source).expanduser().exists() or cfg.source.startswith(PACKAGED):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(cfg.source, revision=cfg.revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or an unreadable cache: not there
+        return None
+    return folder if missing_weights(folder) is None else None
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """The stack a run without --model uses, and why."""
+
+    config: ModelConfig
+    why: str
+    fallback: bool  # True: the full model's weights were not found, this is mini
+
+
+def default_model() -> DefaultModel:
+    """Offline, in order: the folder (or preset) STYLIZE_MODEL names; the full model in the
+    Hugging Face cache; else mini. Never waits on the network."""
+    named = os.environ.get("STYLIZE_MODEL")
+    if named:
+        try:
+            return DefaultModel(model_config(named), f"STYLIZE_MODEL={named}", False)
+        except UsageError as e:
+            raise UsageError(f"STYLIZE_MODEL={named}: {e}") from None
+    full = model_config(FULL_MODEL)
+    cached = hub_cache_folder(full)
+    if cached is not None:
+        return DefaultModel(
+            dataclasses.replace(full, source=str(cached)), f"found in the Hugging Face cache ({cached})", False
+        )
+    why = "the full DreamLite-mobile weights are not on this machine"
+    return DefaultModel(model_config(FALLBACK_MODEL), why, True)
 
 
 def packaged_folder(source: str | None) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,13 @@ MEDIA = REPO.parent / "shared" / "media"
 
 
 def pytest_configure(config):
-    # Keep test runs off the user's cache and quiet about model-loading progress bars.
+    # Keep test runs off the user's cache and quiet about model-loading progress bars; a model the
+    # user's environment names (STYLIZE_MODEL, a Hugging Face cache) must not change what a test
+    # without --model runs.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="stylize-test-hf-")
+    os.environ.pop("STYLIZE_MODEL", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,21 +17,21 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig, packaged_folder
+from ..config import WEIGHT_FILES, ModelConfig, missing_weights, packaged_folder
 from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 
 # The scheduler DreamLite ships (FlowMatch Euler with resolution-dependent shift); used when a
 # weights folder has no scheduler/ of its own.
-DEFAULT_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.16,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
+DEFAULT_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.16,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -92,30 +92,44 @@ def load_stack(cfg: ModelConfig, device: str | torch.device = "cpu") -> ModelSta
 # Real weights
 # ---------------------------------------------------------------------------------------------
 
-_COMPONENTS = {  # subfolder -> (what it is, the files that must be there)
-    "unet": ("DreamLite U-Net", ["config.json", "*.safetensors"]),
-    "vae": ("TAESD (AutoencoderTiny)", ["config.json", "*.safetensors"]),
-    "text_encoder": ("Qwen3-VL text encoder", ["config.json", "*.safetensors"]),
-    "tokenizer": ("Qwen tokenizer", ["tokenizer_config.json"]),
-}
+DOWNLOAD_HOW = (
+    "download the weights with `hf download carlofkl/DreamLite-mobile --revision diffusers --local-dir DIR` "
+    "(gated: request access first) and pass `--model DIR`"
+)
 
 
 def _check_local(root: Path, cfg: ModelConfig) -> None:
     """One clear message for the first missing or incomplete component of a local folder."""
-    how = (
-        "download it with `hf download carlofkl/DreamLite-mobile --revision diffusers --local-dir DIR` "
-        "and pass `--model DIR`"
-    )
-    if not root.is_dir():
-        raise ModelError(f"model '{cfg.name}': no folder at {root}; {how}")
-    for sub, (what, patterns) in _COMPONENTS.items():
-        folder = root / sub
-        for pattern in patterns:
-            if not any(folder.glob(pattern)):
-                raise ModelError(
-                    f"model '{cfg.name}': {what} incomplete: no {pattern} in {folder} "
-                    f"(safetensors weights only); {how}"
-                )
+    missing = missing_weights(root)
+    if missing:
+        raise ModelError(f"model '{cfg.name}': {missing} (safetensors weights only); {DOWNLOAD_HOW}")
+
+
+def hub_snapshot(cfg: ModelConfig) -> Path:
+    """The weights of `cfg`'s hub repository as a local folder: the Hugging Face cache's copy,
+    downloaded first if the network allows (huggingface_hub.snapshot_download). One line for each
+    way it fails: no network and not cached, gated, not found."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = [f"{sub}/*" for sub in (*WEIGHT_FILES, "scheduler")]
+    try:
+        folder = Path(snapshot_download(cfg.source, revision=cfg.revision, allow_patterns=patterns))
+    except GatedRepoError:
+        raise ModelError(
+            f"model '{cfg.name}': {cfg.source} is gated: request access on huggingface.co, log in with "
+            "`hf auth login`, and run again (or pass --model DIR with a downloaded copy)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model '{cfg.name}': no repository {cfg.source} on the hub (or no access to it)") from None
+    except LocalEntryNotFoundError:  # offline, or the hub unreachable, and nothing in the cache
+        raise ModelError(
+            f"model '{cfg.name}': no network, and not in the local cache; {DOWNLOAD_HOW}, or set STYLIZE_MODEL=DIR"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model '{cfg.name}': could not download {cfg.source}: {first}") from None
+    return folder
 
 
 def _load_pretrained(cfg: ModelConfig, source: str | None, device, dtype) -> ModelStack:
@@ -133,28 +147,23 @@ def _load_pretrained(cfg: ModelConfig, source: str | None, device, dtype) -> Mod
             )
         source = str(packaged)
     local = Path(source).expanduser()
-    is_local = local.exists() or source.startswith((".", "/", "~"))
-    if is_local:
-        _check_local(local, cfg)
-        source = str(local)
-    common = dict(revision=cfg.revision) if (cfg.revision and not is_local) else {}
+    if not (local.exists() or source.startswith((".", "/", "~"))):  # a hub id: its copy in the HF cache
+        local = hub_snapshot(cfg)
+    _check_local(local, cfg)
+    source = str(local)
 
     def load(what: str, fn, **kwargs):
         try:
-            return fn(source, **common, **kwargs)
-        except (OSError, ValueError) as e:  # hub unreachable, missing files, non-safetensors weights
+            return fn(source, **kwargs)
+        except (OSError, ValueError) as e:  # unreadable files, non-safetensors weights
             first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
-            raise ModelError(
-                f"model '{cfg.name}': could not load the {what} from {source}: {first}. "
-                "Download the weights where the network allows "
-                "(`hf download carlofkl/DreamLite-mobile --revision diffusers --local-dir DIR`) and pass `--model DIR`"
-            ) from e
+            raise ModelError(f"model '{cfg.name}': could not load the {what} from {source}: {first}") from e
 
     unet = load("U-Net", DreamLiteUNetModel.from_pretrained, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
     vae = load("VAE", AutoencoderTiny.from_pretrained, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
     te = load("text encoder", Qwen3VLModel.from_pretrained, subfolder="text_encoder", dtype=dtype, use_safetensors=True)
     tok = load("tokenizer", AutoTokenizer.from_pretrained, subfolder="tokenizer")
-    if is_local and not (local / "scheduler").is_dir():
+    if not (local / "scheduler").is_dir():
         scheduler = FlowMatchEulerDiscreteScheduler(**DEFAULT_SCHEDULER)
     else:
         scheduler = load("scheduler", FlowMatchEulerDiscreteScheduler.from_pretrained, subfolder="scheduler")
@@ -259,7 +268,9 @@ def ensure_tiny(cfg: ModelConfig) -> Path:
     Qwen3VLForConditionalGeneration, as the real repo has it), tokenizer/, scheduler/."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    key = json.dumps({k: v for k, v in asdict(cfg).items() if k in ("unet", "text_encoder", "vae", "seed")}, sort_keys=True)
+    key = json.dumps(
+        {k: v for k, v in asdict(cfg).items() if k in ("unet", "text_encoder", "vae", "seed")}, sort_keys=True
+    )
     folder = tiny_cache_dir() / f"tiny-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (folder / "complete").exists():
         return folder

@@ -21,23 +21,6 @@ import torch.nn.functional as F
 
 from ..models.loading import DEFAULT_SCHEDULER, QWEN_SPECIAL_TOKENS
 
-# Other ways of asking for each style that mini should know (for the tokenizer and, once the config
-# grows an `aliases:` field per style preset, for matching a free-text --prompt to a style). Until
-# then they live here; the training step also reads the aliases as prompts, so the model answers
-# to them as it does to the preset's own prompt.
-ALIASES: dict[str, tuple[str, ...]] = {
-    "oil": ("oil painting", "make it an oil painting", "paint it in oils", "oil paint"),
-    "watercolor": ("watercolour", "watercolor painting", "make it a watercolor", "paint it in watercolours"),
-    "sketch": ("pencil sketch", "pencil drawing", "make it a pencil sketch", "draw it in pencil"),
-    "charcoal": ("charcoal drawing", "make it a charcoal sketch", "charcoal sketch", "draw it in charcoal"),
-    "anime": ("anime", "cartoon", "make it look like an anime", "cel shading", "cel-shaded cartoon"),
-    "pixel-art": ("pixel art", "pixelated", "make it pixel art", "8-bit", "16-bit pixel art"),
-    "mosaic": ("mosaic", "tile mosaic", "make it a mosaic", "ceramic tiles"),
-    "stained-glass": ("stained glass", "make it stained glass", "a stained glass window"),
-    "starry-night": ("starry night", "van gogh", "in the style of van gogh", "swirling brushstrokes"),
-    "ink": ("ink wash", "ink drawing", "make it an ink drawing", "sumi-e", "brush and ink"),
-}
-
 
 def mini_styles() -> list[str]:
     """The style presets mini learns: every one with a teacher, in name order."""
@@ -47,10 +30,12 @@ def mini_styles() -> list[str]:
 
 
 def style_prompts(style: str) -> list[str]:
-    """The prompts a training sample of `style` may carry: the preset's prompt first, then its aliases."""
+    """The prompts a training sample of `style` may carry: the preset's prompt first, then its
+    aliases (the preset's `aliases:`)."""
     from ..config import style_config
 
-    return [style_config(style).prompt, *ALIASES.get(style, ())]
+    preset = style_config(style)
+    return [preset.prompt, *preset.aliases]
 
 
 def tokenizer_corpus() -> list[str]:
