@@ -1,9 +1,8 @@
-# Two entry points (see README): `make demo` runs stylize on a real clip, `make test` runs the tests.
+# Two entry points (see README): `make demo` stylizes a clip with the default model, `make test` runs the tests.
 # Both create .venv and install the package into it first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CLIP ?= ../shared/media/tuneavideo_man-skiing_718x718_29.97fps_aac.mp4
 
 .PHONY: demo test install clean
 
@@ -26,8 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	@echo "==> set-up done: $(VENV) is ready (make re-runs it only when pyproject.toml changes)"
 
 demo: install
-	@echo "==> stylizing $(CLIP) with the tiny random model into out/"
-	$(VENV)/bin/stylize "$(CLIP)" --style oil --model tiny -o out/ -y
+	@echo "==> stylizing a clip with the default model into out/demo/ (a clip made from a shipped still when ../shared is absent)"
+	$(PY) scripts/demo.py
 
 test: install
 	@echo "==> running the test suite on the CPU (a few minutes)"

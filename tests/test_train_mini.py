@@ -4,9 +4,11 @@ checkpoint budget, and scripts/train_mini.py run for a few CPU steps, resumed, e
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib.util
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,12 @@ def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch)
     assert train_mini.main([*common, "--resume", str(out), "--export", str(folder)]) == 0
     assert mini.weights_bytes(folder) <= mini.FP16_BUDGET_BYTES
     assert not list(folder.rglob("*.bin")) and json.loads((folder / "mini.json").read_text())["step"] == 5
+    # every file of the export is package data, so a wheel built with weights in place ships them
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["stylize"]
+    for f in folder.rglob("*"):
+        if f.is_file():
+            shipped = f"weights/mini/{f.relative_to(folder).as_posix()}"
+            assert any(fnmatch.fnmatchcase(shipped, pat) for pat in patterns), shipped
     stack = load_stack(dataclasses.replace(model_config("mini"), source=str(folder)))
     tensors, _ = ckpt.load_checkpoint(out)
     torch.testing.assert_close(stack.unet.conv_in.weight, tensors["w.unet.conv_in.weight"].float(), rtol=0, atol=0)
