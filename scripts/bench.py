@@ -42,7 +42,8 @@ from stylize.reference import ReferenceStylizer  # noqa: E402
 # GFLOP per 512² frame (DESIGN §3, measured with a FLOP counter): the work a row is credited with.
 FLOPS_UNET_STEP, FLOPS_TE_256, FLOPS_TAESD = 652.6, 661.0, 263.0
 
-# name -> (batch size, engine config or None for the reference path, compile, paced run)
+# name -> (batch size, engine config or None for the reference path, compile (True, False, or
+# "graphs": the eager steps replayed as CUDA graphs, optimize.graph_steps), paced run)
 ROWS = {
     "a": (1, None, False, False),  # the sequential reference path, one frame at a time
     **{f"b{b}": (b, EngineConfig(side_stream=False, fast_te=False, compile="off"), False, False) for b in (8, 16)},
@@ -53,32 +54,69 @@ ROWS = {
     **{f"du{b}": (b, EngineConfig(compile="on", fuse_qkv=False), True, False) for b in (8, 16)},  # q, k, v apart
     # two batches in flight instead of three (EngineConfig.in_flight): a batch period less latency
     **{f"dl{b}": (b, EngineConfig(compile="on", in_flight=2), True, False) for b in (8, 16)},
-    **{f"el{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, in_flight=2), True, False) for b in (8, 16)},
+    **{
+        f"el{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, in_flight=2), True, False)
+        for b in (8, 16)
+    },
     # side-stream steps (text encoder, TAESD encode) launched kernel by kernel, not as CUDA graphs
     **{f"dg{b}": (b, EngineConfig(compile="on", side_graphs=False), True, False) for b in (8, 16)},
     **{f"fm{b}": (b, EngineConfig(compile="on", te_refresh_every=8), True, True) for b in (8, 16)},
     **{f"fo{b}": (b, EngineConfig(compile="on", te_batch_one=True), True, False) for b in (8, 16)},
     **{  # TE reuse (M=8) with the champion adapter
-        f"fe{b}": (b, EngineConfig(compile="on", te_refresh_every=8, adapter="random", adapter_refresh_every=8), True, False)
+        f"fe{b}": (
+            b,
+            EngineConfig(compile="on", te_refresh_every=8, adapter="random", adapter_refresh_every=8),
+            True,
+            False,
+        )
         for b in (8, 16)
     },
     **{f"fs{b}": (b, EngineConfig(compile="on", static_prompt=True), True, False) for b in (8, 16)},
     # (e) the temporal adapter (random weights: speed only): the paper's champion, and all hooks N=1
-    **{f"e{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8), True, True) for b in (8, 16)},
     **{
-        f"eu{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, fuse_qkv=False), True, False)
+        f"e{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8), True, True) for b in (8, 16)
+    },
+    **{
+        f"eu{b}": (
+            b,
+            EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, fuse_qkv=False),
+            True,
+            False,
+        )
         for b in (8, 16)
     },
     **{
-        f"eg{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, side_graphs=False), True, False)
+        f"eg{b}": (
+            b,
+            EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, side_graphs=False),
+            True,
+            False,
+        )
         for b in (8, 16)
     },
     **{  # e with DIS's "fast" preset (the default is "ultrafast": flow.py)
-        f"ef{b}": (b, EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, flow="dis-fast"), True, False)
+        f"ef{b}": (
+            b,
+            EngineConfig(compile="on", adapter="random", adapter_refresh_every=8, flow="dis-fast"),
+            True,
+            False,
+        )
         for b in (8, 16)
     },
     **{
-        f"ea{b}": (b, EngineConfig(compile="on", adapter="random", adapter_hooks="all", adapter_refresh_every=1), True, False)
+        f"ea{b}": (
+            b,
+            EngineConfig(compile="on", adapter="random", adapter_hooks="all", adapter_refresh_every=1),
+            True,
+            False,
+        )
+        for b in (8, 16)
+    },
+    # (r) no compile: the eager steps as CUDA graphs (what --compile auto runs on short clips), the
+    # d and e rows' configurations
+    **{f"r{b}": (b, EngineConfig(compile="off"), "graphs", True) for b in (8, 16)},
+    **{
+        f"re{b}": (b, EngineConfig(compile="off", adapter="random", adapter_refresh_every=8), "graphs", True)
         for b in (8, 16)
     },
 }
@@ -180,7 +218,9 @@ def make(stack, name: str, prompt: str, seed: int = 0):
     if ecfg is None:
         return ReferenceStylizer(stack, cfg)
     engine = Engine(stack, cfg, ecfg)
-    if compile_:
+    if compile_ == "graphs":
+        engine.enable_graphs()
+    elif compile_:
         engine.enable_compile()
     return engine
 
@@ -369,7 +409,9 @@ def adapter_costs(rows: list[dict]) -> None:
 
 def print_table(result: dict) -> None:
     print(f"\n{result['gpu']}  torch {result['versions']['torch']}  ceiling {result['bf16_ceiling_tflops']} TFLOP/s")
-    print(f"{'row':6} {'B':>3} {'fps':>7} {'step':>7} {'p50':>6} {'p95':>6} {'paced50':>7} {'warm s':>7} {'GiB':>5} {'ceil%':>6} {'maxdiff':>7} {'adapter':>7}")
+    print(
+        f"{'row':6} {'B':>3} {'fps':>7} {'step':>7} {'p50':>6} {'p95':>6} {'paced50':>7} {'warm s':>7} {'GiB':>5} {'ceil%':>6} {'maxdiff':>7} {'adapter':>7}"
+    )
     for r in result["rows"]:
         r = {k: ("" if v is None else v) for k, v in r.items()}
         print(
@@ -380,7 +422,10 @@ def print_table(result: dict) -> None:
         )
     if any(m["rounds"] > 1 for m in result.get("median_fps", {}).values()):
         for name, m in result["median_fps"].items():
-            print(f"median over {m['rounds']} rounds: {name} {m['fps']} fps" + (f", adapter cost {m['adapter_cost']}" if "adapter_cost" in m else ""))
+            print(
+                f"median over {m['rounds']} rounds: {name} {m['fps']} fps"
+                + (f", adapter cost {m['adapter_cost']}" if "adapter_cost" in m else "")
+            )
 
 
 if __name__ == "__main__":

@@ -130,6 +130,8 @@ class EngineConfig:
     in_flight: int = 3
     cuda_graphs: bool = True  # compiled main-stream steps replay as CUDA graphs ("reduce-overhead")
     side_graphs: bool = True  # compiled side-stream steps replay as CUDA graphs of their own (optimize.StreamGraph)
+    # --compile auto, when it does not compile: the eager steps replayed as CUDA graphs (optimize.graph_steps)
+    graphs: bool = True
     te_refresh_every: int = 1
     te_batch_one: bool = False
     static_prompt: bool = False

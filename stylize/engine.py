@@ -42,7 +42,7 @@ from .buffers import HostRing
 from .config import EngineConfig, PipelineConfig
 from .models import ModelStack
 from .models.text_encoder import encode, encode_text_only
-from .optimize import Steps, compile_steps, optimize
+from .optimize import Steps, compile_steps, graph_steps, optimize
 from .reference import (
     draw_noise,
     euler,
@@ -134,25 +134,37 @@ class Engine:
         e = self.ecfg
         self.use(compile_steps(self.steps, self.device, e.cuda_graphs, backend, e.side_graphs))
 
+    def enable_graphs(self) -> None:
+        """Replay the eager steps as CUDA graphs (optimize.graph_steps): no compile, captured per
+        shape in `prepare` in well under a second."""
+        self.use(graph_steps(self.steps, self.device, self.ecfg.side_graphs))
+
     @property
     def compiled(self) -> bool:
         return self.steps.compiled
+
+    @property
+    def graphed(self) -> bool:
+        """Compiled with CUDA graphs, or the eager steps as CUDA graphs: `prepare` has work to do."""
+        return self.steps.compiled or self.steps.graphs
 
     def prepare(self, in_hw: tuple[int, int], status: Callable[[str], None] | None = None) -> None:
         """Before a clip's first batch: compile (or load from the cache) and capture the graphs of
         this frame size by running two batches of blank frames, then save what compiling made
         (once per configuration and size, off the hot loop). Ends with `reset()`: call `reset(sink)`
-        after it."""
+        after it. With the eager steps as CUDA graphs the same two batches warm up and capture."""
         geo = geometry(in_hw, self.cfg.size, self.multiple, self.cfg.crop)
-        if not self.compiled or geo.work_hw in self.prepared:
+        if not self.graphed or geo.work_hw in self.prepared:
             return
         from . import optimize as opt
         from .video import FrameBatch
 
-        if status is not None:
-            status("compiling (one-time, cached)")
         key = opt.config_key(self.stack, self.cfg, self.ecfg, geo.work_hw)
-        had_cache = opt.load_artifacts(key)  # a saved warm-up turns the compile into cache hits
+        had_cache = True
+        if self.compiled:
+            if status is not None:
+                status("compiling (one-time, cached)")
+            had_cache = opt.load_artifacts(key)  # a saved warm-up turns the compile into cache hits
         blank = np.zeros((self.cfg.batch_size, *in_hw, 3), np.uint8)
         self.reset()
         for n in range(2):  # the first call compiles, the second captures the side-stream graphs
@@ -326,7 +338,11 @@ class Engine:
         if self.ecfg.static_prompt:
             if self.static_states is None:
                 self.static_states = encode_text_only(
-                    stack.text_encoder, stack.tokenizer, self.cfg.prompt, self.tokens.max_len, stack.config.hidden_states
+                    stack.text_encoder,
+                    stack.tokenizer,
+                    self.cfg.prompt,
+                    self.tokens.max_len,
+                    stack.config.hidden_states,
                 )
             states, mask = self.static_states
             # contiguous: the U-Net graph then has the same input strides (no recompile) in every mode
@@ -405,4 +421,3 @@ class _Constants:
             h, w = work_hw
             self.cache[key] = torch.tensor([[w, h]], dtype=dtype, device=self.stack.device).expand(b, -1)
         return self.cache[key]
-

@@ -7,7 +7,9 @@ order, each behind its `EngineConfig` flag (learned from diffusion-fast's `optim
 3. the temporal adapter attached to that copy (models/lllite.py; its conditioning schedule is the
    engine's, temporal.py);
 4. the fast text encoder (fast_te.py) in place of the stock Qwen3-VL call;
-5. compiling (`compile_steps`): one graph per step, CUDA graphs on both streams.
+5. compiling (`compile_steps`): one graph per step, CUDA graphs on both streams; or, without
+   compiling, CUDA graphs captured from the eager steps (`graph_steps`): near the compiled speed
+   from the first batch, for clips that a compile would not repay.
 
 `Steps` is immutable: a policy change (compiling later, a counting wrapper in a test) is a whole
 new `Steps` swapped in between batches (`Engine.use`).
@@ -76,7 +78,14 @@ def config_key(stack, cfg, ecfg, work_hw) -> str:
         "batch": cfg.batch_size,
         "steps": cfg.steps,
         "work_hw": list(work_hw),
-        "engine": [ecfg.cuda_graphs, ecfg.fast_te, ecfg.te_batch_one, ecfg.static_prompt, ecfg.te_bucket, ecfg.fuse_qkv],
+        "engine": [
+            ecfg.cuda_graphs,
+            ecfg.fast_te,
+            ecfg.te_batch_one,
+            ecfg.static_prompt,
+            ecfg.te_bucket,
+            ecfg.fuse_qkv,
+        ],
         # the adapter changes the U-Net's graph (its weights' values do not): which hooks it wraps
         "adapter": ecfg.adapter_subset if ecfg.adapter else None,
     }
@@ -140,9 +149,12 @@ class Steps:
     vae_decode: Callable
     text: Callable
     compiled: bool = False
+    graphs: bool = False  # the eager steps replayed as CUDA graphs (graph_steps)
 
 
-def optimize(stack, ecfg: EngineConfig, compiled: bool = False, backend: str = "inductor") -> Steps:
+def optimize(
+    stack, ecfg: EngineConfig, compiled: bool = False, backend: str = "inductor", graphs: bool = False
+) -> Steps:
     """Apply the engine's speedups to `stack` in their fixed order (see the module docstring);
     the stack itself is left as it was."""
     unet = stack.unet
@@ -163,7 +175,9 @@ def optimize(stack, ecfg: EngineConfig, compiled: bool = False, backend: str = "
     if ecfg.fast_te and not ecfg.static_prompt:
         from .fast_te import FastTextEncoder
 
-        fast_te = FastTextEncoder(stack.text_encoder, stack.config.te_image_size, stack.config.hidden_states, ecfg.te_bucket)
+        fast_te = FastTextEncoder(
+            stack.text_encoder, stack.config.te_image_size, stack.config.hidden_states, ecfg.te_bucket
+        )
     vae = stack.vae
 
     def velocity_step(x, source, t, states, mask, time_ids):
@@ -179,10 +193,28 @@ def optimize(stack, ecfg: EngineConfig, compiled: bool = False, backend: str = "
         return fast_te(frames)
 
     steps = Steps(unet, lllite, fast_te, velocity_step, vae_encode_step, vae_decode_step, text_step)
-    # 5. compiled graphs
+    # 5. compiled graphs, or CUDA graphs of the eager steps
     if compiled:
         steps = compile_steps(steps, stack.device, ecfg.cuda_graphs, backend, ecfg.side_graphs)
+    elif graphs:
+        steps = graph_steps(steps, stack.device, ecfg.side_graphs)
     return steps
+
+
+def graph_steps(steps: Steps, device: torch.device, side_graphs: bool = True, keep: int = 3) -> Steps:
+    """`steps` replayed as CUDA graphs captured from their eager code, nothing compiled: each step
+    a `StreamGraph` (the first call of a shape runs eager and warms up, the second captures, later
+    ones copy their inputs in and replay: one launch where the eager U-Net issues hundreds). The
+    Euler update between U-Net calls (engine._denoise) is one elementwise op with a Python scalar,
+    left outside. `keep`: shapes whose graphs (and memory pools) each step keeps, the most recent.
+    A no-op off CUDA."""
+    if device.type != "cuda":
+        return steps
+    side = (lambda fn: StreamGraph(fn, keep)) if side_graphs else (lambda fn: fn)
+    return dataclasses.replace(
+        steps, velocity=StreamGraph(steps.velocity, keep), vae_decode=StreamGraph(steps.vae_decode, keep),
+        vae_encode=side(steps.vae_encode), text=side(steps.text), graphs=True,
+    )  # fmt: skip
 
 
 def compile_steps(steps: Steps, device: torch.device, cuda_graphs: bool = True, backend: str = "inductor",

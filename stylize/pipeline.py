@@ -10,10 +10,11 @@ to compile; `stylize_video` runs one clip through whichever it got (both are a `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,9 +23,11 @@ import numpy as np
 
 from . import video
 from .config import EngineConfig, OutputConfig, PipelineConfig
+from .errors import StylizeError
 from .writer import VideoWriter
 
-__all__ = ["OutputConfig", "Progress", "RunStats", "Stylizer", "build_stylizer", "stylize_video"]
+__all__ = ["OutputConfig", "Progress", "RunStats", "Stylizer", "build_stylizer", "out_of_memory_is_one_line",
+           "stylize_video"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def build_stylizer(stack, cfg: PipelineConfig, ecfg: EngineConfig = EngineConfig
                    clips: Sequence[Path] = (), fps: float | None = None) -> Stylizer:  # fmt: skip
     """The streaming engine on CUDA, or wherever an engine option differs from the defaults;
     the plain reference path otherwise. Compiled when `ecfg.compile` says so: "auto" compiles on
-    CUDA when `clips` (probed only then) are long enough to repay it."""
+    CUDA when `clips` (probed only then) are long enough to repay it, and otherwise replays the
+    eager steps as CUDA graphs (`ecfg.graphs`); "off" runs them plainly eager."""
     from .reference import ReferenceStylizer
 
     if stack.device.type != "cuda" and ecfg == EngineConfig():
@@ -100,6 +104,8 @@ def build_stylizer(stack, cfg: PipelineConfig, ecfg: EngineConfig = EngineConfig
     frames = _frames_in(clips, fps) if ecfg.compile == "auto" and stack.device.type == "cuda" else None
     if should_compile(ecfg.compile, stack.device, frames, warm=_any_warm_cache()):
         engine.enable_compile()
+    elif ecfg.compile == "auto" and ecfg.graphs and stack.device.type == "cuda":
+        engine.enable_graphs()
     return engine
 
 
@@ -179,3 +185,28 @@ def stylize_video(
         latency_p50_ms=p50, latency_p95_ms=p95, width=out_w, height=out_h,
         first_output_s=(output.first_output - started) if output.first_output else 0.0,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(cfg: PipelineConfig) -> Iterator[None]:
+    """Around one clip or still: torch.OutOfMemoryError becomes a StylizeError of one line, what to
+    lower and the GPU's peak memory. No retry at a smaller batch or size: that would change the
+    shapes (a new compile) and the adapter's schedule, and the output would no longer be the one
+    asked for."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
+        raise StylizeError(out_of_memory_message(cfg, peak)) from e
+
+
+def out_of_memory_message(cfg: PipelineConfig, peak_bytes: int | None) -> str:
+    """'out of GPU memory (peak 3.21 GiB allocated): lower --batch-size (now 8) or --size (now 512)';
+    the peak only where CUDA was used, the batch size only where there is one to lower."""
+    lower = f"--size (now {cfg.size})"
+    if cfg.batch_size > 1:
+        lower = f"--batch-size (now {cfg.batch_size}) or {lower}"
+    peak = "" if peak_bytes is None else f" (peak {peak_bytes / 2**30:.2f} GiB allocated)"
+    return f"out of GPU memory{peak}: lower {lower}"

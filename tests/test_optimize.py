@@ -39,3 +39,62 @@ def test_stream_graph_signature_follows_shapes_and_buffer_addresses():
     assert _signature(m) != before[0]
 
 
+def test_graph_steps_are_a_no_op_off_cuda(tiny_stack):
+    from stylize.optimize import graph_steps, optimize
+
+    steps = optimize(tiny_stack, EngineConfig())
+    assert graph_steps(steps, torch.device("cpu")) is steps and not steps.graphs
+
+
+def test_compile_auto_replays_eager_graphs_unless_it_compiles(monkeypatch, tmp_path):
+    """--compile auto on CUDA: graph replay for clips a compile would not repay, compiled for
+    long ones; off: plain eager; on: compiled. (The engine is a stand-in: no GPU here.)"""
+    import types
+
+    import stylize.engine
+    from stylize import pipeline
+
+    made = []
+
+    class FakeEngine:
+        def __init__(self, stack, cfg, ecfg):
+            self.policy = "eager"
+            made.append(self)
+
+        def enable_compile(self):
+            self.policy = "compiled"
+
+        def enable_graphs(self):
+            self.policy = "graphs"
+
+    monkeypatch.setattr(stylize.engine, "Engine", FakeEngine)
+    stack = types.SimpleNamespace(device=torch.device("cuda"))
+    cfg = PipelineConfig(prompt=OIL)
+    for mode, frames, want in [("auto", 100, "graphs"), ("auto", 10**6, "compiled"), ("off", 100, "eager"),
+                               ("on", 100, "compiled")]:  # fmt: skip
+        monkeypatch.setattr(pipeline, "_frames_in", lambda clips, fps, n=frames: n)
+        monkeypatch.setattr(pipeline, "_any_warm_cache", lambda: False)
+        engine = pipeline.build_stylizer(stack, cfg, EngineConfig(compile=mode), [tmp_path / "a.mp4"])
+        assert engine.policy == want, (mode, frames)
+    engine = pipeline.build_stylizer(stack, cfg, EngineConfig(compile="auto", graphs=False), [tmp_path / "a.mp4"])
+    assert engine.policy == "eager"
+
+
+def test_adapter_keeps_one_share_buffer_per_shape(tiny_stack):
+    """A -> B -> A: the refresh for A writes the buffer A's first refresh made (a CUDA graph
+    captured for A reads that address), not a new one."""
+    from stylize.optimize import optimize
+
+    steps = optimize(tiny_stack, EngineConfig(adapter="random"))
+    lllite = steps.lllite
+    wrapper = lllite.wrappers[0]
+    a, b = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 96)
+    lllite.set_condition(a)
+    first = wrapper.mid_share.data_ptr()
+    lllite.set_condition(b)
+    assert wrapper.mid_share.data_ptr() != first
+    lllite.set_condition(a * 0.5)
+    assert wrapper.mid_share.data_ptr() == first
+    again = wrapper.mid_share.clone()
+    lllite.set_condition(a)
+    assert not torch.equal(wrapper.mid_share, again)  # written in place with the new condition

@@ -107,6 +107,9 @@ class LLLiteLinear(nn.Module):
         self.base, self.adapters, self.rows = base, nn.ModuleList(adapters), rows
         self.register_buffer("multiplier", multiplier, persistent=False)  # shared by every hook
         self.register_buffer("mid_share", torch.zeros(0, device=base.weight.device), persistent=False)
+        # one mid_share per shape seen, kept: a CUDA graph captured for a shape reads its buffer's
+        # address, so coming back to that shape (A -> B -> A) must write the same buffer again
+        self.shares: dict[tuple[int, ...], torch.Tensor] = {}
         self.derive()
 
     @torch.no_grad()
@@ -224,10 +227,12 @@ class TemporalLLLite(nn.Module):
             shares.update(zip(names, grouped))  # each (B, N, 64)
         for wrapper in self.wrappers:
             share = torch.cat([shares[n] for n in wrapper.hook_names], dim=-1)  # (B, N, n·64)
-            if wrapper.mid_share.shape == share.shape:
-                wrapper.mid_share.copy_(share)
-            else:  # a new batch size or geometry: a new buffer (and, compiled, a new graph)
-                wrapper.mid_share = share
+            kept = wrapper.shares.get(tuple(share.shape))
+            if kept is None:  # a new batch size or geometry: a buffer of its own (and a new graph)
+                kept = wrapper.shares[tuple(share.shape)] = share
+            else:
+                kept.copy_(share)
+            wrapper.mid_share = kept
 
     @staticmethod
     def _grouped_shares(adapters: list[LLLiteModule], cond: torch.Tensor) -> torch.Tensor:
