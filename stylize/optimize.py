@@ -274,13 +274,18 @@ class StreamGraph:
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
 
     def _capture(self, args):
-        stream = torch.cuda.current_stream()
+        caller = torch.cuda.current_stream()
         static_in = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        # capture needs a non-default stream (the engine's main stream is the default one); the
+        # graph then replays on whichever stream calls it
+        stream = torch.cuda.Stream(caller.device)
+        stream.wait_stream(caller)  # the static inputs are written
         graph = torch.cuda.CUDAGraph()
         # thread_local: the collector and writer threads may touch CUDA while this thread captures
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             static_out = self.fn(*static_in)
-        log.debug("captured a side-stream CUDA graph for %s", [_signature(a) for a in args])
+        caller.wait_stream(stream)
+        log.debug("captured a CUDA graph for %s", [_signature(a) for a in args])
         return graph, static_in, static_out
 
 
