@@ -55,6 +55,13 @@ class RunStats:
     width: int
     height: int
     first_output_s: float  # from the call to the first frame handed to the encoder (compile included)
+    # where a clip's time goes (what the user waits for, #14): the probe, the one-time prepare
+    # (compile or graph capture), the rate after the first two batches, and the end (flush,
+    # encoder flush, audio remux)
+    probe_s: float = math.nan
+    prepare_s: float = math.nan
+    steady_fps: float = math.nan  # frames after the first two batches over the time they took
+    flush_s: float = math.nan
 
     def as_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dataclasses.asdict(self).items()}
@@ -137,6 +144,9 @@ class _Output:
         self.done = 0
         self.first_decoded: float | None = None  # set by the feeding thread before any batch comes back
         self.first_output: float | None = None
+        self.batches = 0
+        self.after_two: tuple[float, int] | None = None  # (time, frames done) as the second batch came back
+        self.last_output: float | None = None
 
     def __call__(self, batch: video.FrameBatch) -> None:
         self.writer.write(batch.frames, batch.pts)
@@ -144,6 +154,10 @@ class _Output:
         self.first_output = self.first_output or now
         self.latencies.extend(now - t for t in batch.decoded_at)
         self.done += len(batch.pts)
+        self.batches += 1
+        self.last_output = now
+        if self.batches == 2:
+            self.after_two = (now, self.done)
         if self.on_progress:
             self.on_progress(Progress(self.done, self.total, now - self.first_decoded))
 
@@ -160,11 +174,13 @@ def stylize_video(
     complete; on any error or interrupt it is left as it was."""
     started = time.perf_counter()
     info = video.probe(src, out.fps)
+    probed = time.perf_counter()
     in_hw = (info.display_height, info.display_width)
     out_h, out_w = stylizer.output_hw(in_hw)
     target = dataclasses.replace(info, display_width=out_w, display_height=out_h)  # crop mode: the square
     status = (lambda s: on_progress(Progress(0, info.frames, 0.0, s))) if on_progress else None
     stylizer.prepare(in_hw, status)  # one-time per frame size (compile), before any frame is decoded
+    prepared = time.perf_counter()
     with VideoWriter(dst, target, crf=out.crf, preset=out.preset, audio=out.audio) as writer:
         output = _Output(writer, info.frames, on_progress)
         stylizer.reset(sink=output)
@@ -173,17 +189,23 @@ def stylize_video(
             for batch in batches:
                 output.first_decoded = output.first_decoded or batch.decoded_at[0]
                 stylizer.feed(batch)
+            fed = time.perf_counter()
             stylizer.flush()
         except BaseException:
             stylizer.reset()  # drop what is in flight before the writer discards its file
             raise
+    ended = time.perf_counter()
     first = output.first_decoded
+    steady = math.nan
+    if output.after_two is not None and output.last_output > output.after_two[0]:
+        steady = (output.done - output.after_two[1]) / (output.last_output - output.after_two[0])
     seconds = time.perf_counter() - first if first else 0.0
     p50, p95 = percentiles_ms(output.latencies)
     return RunStats(
         src=str(src), dst=str(dst), frames=output.done, seconds=seconds, fps=output.done / seconds if seconds else 0.0,
         latency_p50_ms=p50, latency_p95_ms=p95, width=out_w, height=out_h,
         first_output_s=(output.first_output - started) if output.first_output else 0.0,
+        probe_s=probed - started, prepare_s=prepared - probed, steady_fps=steady, flush_s=ended - fed,
     )  # fmt: skip
 
 
