@@ -3,7 +3,9 @@
 Rich progress and notices go to stderr; the result line per clip (or its --json record) to
 stdout. Every option is checked (config.run_options, jobs.plan_jobs) before anything heavy is
 imported. Exit codes: 0 all done (or nothing to do), 1 some clip failed, 2 usage error,
-130 interrupted (SIGINT), 143 terminated (SIGTERM), 141 stdout closed by its reader (`| head`).
+141 stdout closed by its reader (`| head`); SIGINT, SIGTERM and SIGHUP: the partial output is
+deleted, then the process dies of the signal (signals.py), which a shell shows as 130 (interrupted),
+143 (terminated) or 129 (hung up).
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -23,19 +23,13 @@ from typing import Optional
 import typer
 from typer.core import TyperCommand
 
-from . import __version__
+from . import __version__, signals
 from .errors import StylizeError, UsageError
 
 STARTED = time.perf_counter()
 EPILOG = "Other commands: `stylize styles` lists the style presets, `stylize models` the model stacks."
 CONTEXT = {"help_option_names": ["-h", "--help"]}
-EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 130, 143, 141  # 128 + SIGINT, SIGTERM, SIGPIPE
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised on the main thread like Ctrl-C's KeyboardInterrupt, so that the same
-    clean-up runs (in-flight batches dropped, the partial output deleted). Not an Exception: the
-    per-clip `except Exception` must not take it for one bad clip."""
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, SIGPIPE
 
 
 class _Command(TyperCommand):
@@ -167,17 +161,18 @@ def run(
 def _run_reported(options: dict, debug: bool) -> None:
     """`_run`, its errors turned into one line and an exit code."""
     try:
-        with _sigterm_raises():
+        with signals.handled():
             _run(**options)
     except StylizeError as e:
         _report_error(_console(), e, debug=debug)
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # raised by code, not our handler (which raises Signalled)
         _console().print("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED)
-    except Terminated:
-        _console().print("terminated")
-        raise typer.Exit(EXIT_TERMINATED)
+    except signals.Signalled as e:  # cleaned up; the exit code makes entry() die of the signal
+        with contextlib.suppress(OSError):  # a hung-up terminal (SIGHUP) takes no more output
+            _console().print(str(e))
+        raise typer.Exit(128 + e.signum)
     except (typer.Exit, SystemExit, BrokenPipeError):
         raise
     except Exception as e:  # unexpected: one line, the traceback only with --debug
@@ -249,6 +244,7 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
     _quiet_libraries(debug)
     loading = time.perf_counter()
     with err.status(f"loading model '{opts.model.name}' on {device}"):
+        signals.pause_point("load")
         stack = load_stack(opts.model, device)
         clips = [job.src for job in jobs if not job.still]
         stylizer = build_stylizer(stack, opts.pipeline, opts.engine, clips, opts.output.fps)
@@ -284,24 +280,6 @@ def _result_line(job, stats) -> str:
         f"{job.src} -> {job.dst}: {stats.frames} frames {stats.width}x{stats.height}, "
         f"{stats.fps:.1f} fps, latency p50 {stats.latency_p50_ms:.0f} ms, p95 {stats.latency_p95_ms:.0f} ms"
     )
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """While running, SIGTERM raises Terminated on the main thread (the default would kill the
-    process on the spot and leave a partial file behind)."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _silence_closed_streams() -> None:
@@ -426,4 +404,5 @@ def entry() -> None:
     """The console script: `stylize styles|models` are subcommands; anything else is a run."""
     argv = sys.argv[1:]
     app = sub_app if argv and argv[0] in SUBCOMMANDS else run_app
-    app(args=argv, prog_name="stylize")
+    with signals.dying_of_signals():
+        app(args=argv, prog_name="stylize")

@@ -24,6 +24,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from stylize.errors import OutputError
+from stylize.signals import pause_point
 from stylize.threads import Pipe
 from stylize.video import VideoInfo, open_input
 
@@ -177,6 +178,7 @@ class VideoWriter:
                 raise ValueError(f"timestamps must increase: {stamp} after {self.queued_last_pts}")
             self.queued_last_pts = stamp
         self.pipe.put((frames, pts))  # waits only when the encoder is a few batches behind
+        pause_point("encode")
 
     def _write_now(self, frames: np.ndarray, pts: list[int]) -> None:
         for image, stamp in zip(frames, pts):
@@ -223,6 +225,7 @@ class VideoWriter:
             raise OutputError(f"{self.dst}: no frames were written; nothing to save")
         self._mux_video(self.stream.encode(None))
         if self.pump is not None:
+            pause_point("remux")
             self.pump.finish()
             self.pump.source.close()
         self.container.close()
@@ -241,9 +244,9 @@ class VideoWriter:
             self.tmp.unlink(missing_ok=True)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        pipe, self.pipe = self.pipe, None
         try:
-            if self.pipe is not None:  # failing: the thread skips what is left; else its error is raised
-                pipe, self.pipe = self.pipe, None
+            if pipe is not None:  # failing: the thread skips what is left; else its error is raised
                 pipe.close(discard=exc_type is not None)
             if exc_type is None:
                 self._finish()
@@ -251,6 +254,12 @@ class VideoWriter:
             self._discard()
             raise OutputError(f"{self.dst}: writing failed ({error})") from error
         except BaseException:
+            if pipe is not None:
+                # a signal can cut the close above short: stop the encoder and wait until it has let go
+                # of the file before closing it (by the pipe's count of unhandled items: Python 3.11
+                # takes a thread whose join was interrupted for one that has ended)
+                pipe.close(discard=True)
+                pipe.join()
             self._discard()
             raise
         finally:
