@@ -238,7 +238,7 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
 
     use_persistent_compile_cache()  # before torch is imported
     from .models import load_stack
-    from .pipeline import build_stylizer, stylize_video
+    from .pipeline import build_stylizer, out_of_memory_is_one_line, stylize_video
     from .stills import stylize_still
 
     _quiet_libraries(debug)
@@ -253,7 +253,7 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
     try:
         for job in jobs:
             try:
-                with _progress(err, job.src.name, quiet) as on_progress:
+                with _progress(err, job.src.name, quiet) as on_progress, out_of_memory_is_one_line(stylizer.cfg):
                     if job.still:
                         stats = stylize_still(job.src, job.dst, stylizer, on_progress)
                     else:

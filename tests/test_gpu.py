@@ -172,3 +172,50 @@ def test_compiled_adapter_cuda_graphs_no_recompiles(cuda_tiny):
     eager = run(eager_engine, frames, bs=2)
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2
     dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_out_of_memory_fails_that_clip_and_the_next_goes_on(tmp_path, tiny_dir, monkeypatch):
+    """A real CUDA out-of-memory (issue #16), forced by a per-process memory fraction of what is
+    held now plus 512 MiB: a.mp4, 4096x4096, needs ~1 GB for one batch's upload and its float copy
+    and fails with one line naming what to lower and the peak; b.mp4, 64x48, is written after it;
+    exit 1, no partial file, no retry (one feed per batch)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from stylize import video
+    from stylize.cli import run_app
+    from tests.conftest import write_clip
+
+    write_clip(tmp_path / "a.mp4", frames=4, size=(4096, 4096))
+    write_clip(tmp_path / "b.mp4", frames=4)
+    fed = []
+    feed = Engine.feed
+
+    def counted(self, batch):
+        fed.append(len(batch.frames))
+        return feed(self, batch)
+
+    monkeypatch.setattr(Engine, "feed", counted)
+    args = [str(tmp_path), "--style", "oil", "--model", "tiny", "--size", "64", "--batch-size", "4",
+            "--device", "cuda", "--compile", "off", "--preset", "ultrafast"]  # fmt: skip
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 512 * 2**20) / total))
+    try:
+        r = CliRunner().invoke(run_app, args, catch_exceptions=False)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert r.exit_code == 1, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1, r.stderr
+    said = re.fullmatch(r"error: (.+): out of GPU memory \(peak ([\d.]+) GiB allocated\): (.+)", errors[0])
+    assert said and said[1] == str(tmp_path / "a.mp4"), errors[0]
+    assert float(said[2]) > 0 and said[3] == "lower --batch-size (now 4) or --size (now 64)", errors[0]
+    assert fed == [4, 4]  # a's first batch once, then b's
+    assert video.probe(tmp_path / "b_oil.mp4").frames == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4", "b_oil.mp4"]
+    assert "1 of 2 clips done, 1 failed" in r.stderr
