@@ -113,17 +113,30 @@ def run(
     style: Optional[str] = typer.Option(None, "--style", "-s", help="Style preset (see `stylize styles`)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Free-text instruction instead of a preset."),
     output: Optional[str] = typer.Option(
-        None, "--output", "-o", metavar="<path>",
+        None,
+        "--output",
+        "-o",
+        metavar="<path>",
         help="Output folder, or the output file of a single input (.mp4, or a still's suffix).",
     ),
-    model: str = typer.Option("dreamlite-mobile", "--model", "-m", help="Model preset or a folder of weights."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model preset or a folder of weights (default: the full model if its weights are here, else mini; "
+        "see `stylize models`).",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Frames per batch."),
     steps: int = typer.Option(1, "--steps", help="Denoising steps: 1, 2 or 4."),
-    size: int = typer.Option(512, "--size", help="Long side of the working resolution in pixels."),
+    size: Optional[int] = typer.Option(
+        None, "--size", help="Long side of the working resolution in pixels [default: 512; mini on a CPU 384]."
+    ),
     crop: Crop = typer.Option(Crop.none, "--crop", help="'center': the paper's square centre crop."),
     device: Device = typer.Option(Device.auto, "--device", help="Where to run."),
     compile: Compile = typer.Option(
-        Compile.auto, "--compile", help="Compile the GPU graphs: auto compiles when the clips are long enough to repay it."
+        Compile.auto,
+        "--compile",
+        help="Compile the GPU graphs: auto compiles when the clips are long enough to repay it.",
     ),
     te_every: int = typer.Option(1, "--te-every", help="Run the text encoder every M batches, reusing it between."),
     te_batch_one: bool = typer.Option(False, "--te-batch-one", help="Encode one frame per batch for the instruction."),
@@ -197,6 +210,8 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
         audio=not no_audio, fps=fps,
     )  # fmt: skip
     jobs = plan_jobs(inputs, opts.tag, output, recursive, stills)
+    for notice in opts.notices:
+        err.print(f"note: {notice}")
 
     todo = []
     for job in jobs:
@@ -242,6 +257,11 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
     from .stills import stylize_still
 
     _quiet_libraries(debug)
+    opts = opts.on_device(device)
+    if device == "cpu" and opts.model.cpu_threads and not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        torch.set_num_threads(opts.model.cpu_threads)
     loading = time.perf_counter()
     with err.status(f"loading model '{opts.model.name}' on {device}"):
         signals.pause_point("load")
@@ -265,7 +285,12 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
             if as_json:
                 since_start = time.perf_counter() - STARTED  # what a user waits: start-up, load, compile
                 record = {**stats.as_dict(), "kind": "still" if job.still else "clip", "status": "ok"}
-                typer.echo(json.dumps({**record, "model_load_s": load_s, "process_s_at_end": round(since_start, 2)}))
+                record.update(model_load_s=load_s, process_s_at_end=round(since_start, 2))
+                if device == "cuda":  # the run's peak so far: a folder's grows with the shapes it met
+                    import torch
+
+                    record["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                typer.echo(json.dumps(record))
             elif not quiet:
                 typer.echo(_result_line(job, stats))
     finally:
@@ -340,30 +365,37 @@ def _report_error(err, e: BaseException, src=None, debug: bool = False) -> None:
 
 
 def styles() -> None:
-    """List the style presets."""
+    """List the style presets, and the other names a model that knows only its styles (mini) takes."""
     from rich.console import Console
     from rich.table import Table
 
     from .config import list_presets, style_config
 
-    table = Table("style", "prompt", box=None)
+    table = Table("style", "prompt", "also", box=None)
     for name in list_presets("styles"):
-        table.add_row(name, style_config(name).prompt)
+        preset = style_config(name)
+        table.add_row(name, preset.prompt, ", ".join(preset.aliases))
     Console().print(table)
 
 
 def models() -> None:
-    """List the model presets and whether each can run on this machine."""
+    """List the model presets, whether each can run on this machine, and which a run without
+    --model uses, and why."""
     from rich.console import Console
     from rich.table import Table
 
-    from .config import list_presets, model_config
+    from .config import FULL_MODEL_HINT, default_model, list_presets, model_config
 
+    chosen = default_model()
     table = Table("model", "kind", "status", box=None)
     for name in list_presets("models"):
         cfg = model_config(name)
         table.add_row(name, cfg.kind, _availability(cfg))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(f"\nwithout --model: {chosen.config.name} ({chosen.why})", soft_wrap=True)
+    if chosen.fallback:
+        console.print(FULL_MODEL_HINT, soft_wrap=True)
 
 
 def _availability(cfg) -> str:
@@ -371,24 +403,19 @@ def _availability(cfg) -> str:
         return "available (random weights, built on first use)"
     if cfg.kind == "random":
         return "available (random weights at full size; for GPU benchmarks)"
-    from .config import packaged_folder
+    from .config import hub_cache_folder, missing_weights, packaged_folder
 
     shipped = packaged_folder(cfg.source)
     if shipped is not None:  # weights that ship inside the package (mini)
-        if any(shipped.glob("*/*.safetensors")):
+        if missing_weights(shipped) is None:
             return f"shipped in the package ({shipped})"
         return "not trained yet: scripts/train_mini.py trains it on a GPU machine and writes it into the package"
     source = Path(cfg.source or "").expanduser()
     if source.is_dir():
         return f"found at {source}"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(cfg.source, "unet/config.json", revision=cfg.revision)
-        if isinstance(hit, str):
-            return f"found in the Hugging Face cache ({Path(hit).parents[1]})"
-    except Exception:  # a malformed cache is "not found", never a crash of a listing
-        pass
+    cached = hub_cache_folder(cfg)
+    if cached is not None:
+        return f"found in the Hugging Face cache ({cached})"
     return f"not found: `hf download {cfg.source} --revision {cfg.revision} --local-dir DIR`, then --model DIR"
 
 

@@ -355,14 +355,15 @@ def test_every_real_clip_goes_through_the_command(media_dir, tmp_path):
         assert max(abs(a - b) for a, b in zip(t_src, t_dst)) < 0.002, rec["src"]
 
 
-def test_unreachable_default_model_is_one_line(clip, monkeypatch):
-    """No weights and no hub: one error line on stderr, no library warnings or retry chatter."""
+def test_unreachable_full_model_is_one_line(clip, monkeypatch):
+    """The full model named, no weights here and no hub: one error line on stderr, no library
+    warnings or retry chatter."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    r = invoke(clip, "--style", "oil")
+    r = invoke(clip, "--style", "oil", "--model", "dreamlite-mobile")
     assert r.exit_code == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--model DIR" in lines[0]
-    assert ".." not in lines[0]
+    assert "no network, and not in the local cache" in lines[0] and ".." not in lines[0]
 
 
 def test_run_length_is_only_probed_for_compile_auto_on_cuda(clip, monkeypatch):
