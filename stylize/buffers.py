@@ -43,6 +43,10 @@ class HostRing:
         """A free buffer of `shape` (waiting for one), or None once `stop` is set."""
         if shape != self.shape:  # a new clip size: the old buffers are dropped as they come back
             self.shape, self.made = shape, 0
+            # and those back already, now: a clip of fewer batches than slots takes none back from
+            # `free` (it makes its own), so each change of size left a ring's worth here (longrun.py)
+            while not self.free.empty():  # the acquiring (decoder) thread is the only taker
+                self.free.get_nowait()
         while True:
             if self.made < self.slots:
                 self.made += 1
