@@ -39,6 +39,14 @@ class HostRing:
         self.shape: tuple | None = None
         self.made = 0
 
+    def new_clip(self) -> None:
+        """Forget the slots still out: a clip that failed or was dropped never gives back the ones
+        its decoder and the engine held, and the next clip of the same size would wait for them
+        forever. They are garbage once their holders let go; the ring makes new ones."""
+        self.made = 0
+        while not self.free.empty():
+            self.free.get_nowait()
+
     def acquire(self, shape: tuple, stop: threading.Event | None = None) -> Slot | None:
         """A free buffer of `shape` (waiting for one), or None once `stop` is set."""
         if shape != self.shape:  # a new clip size: the old buffers are dropped as they come back

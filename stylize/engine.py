@@ -185,6 +185,7 @@ class Engine:
         `feed`/`flush` return []."""
         self._drain()
         self.ready.clear()
+        self.ring.new_clip()  # the last clip's decoder may have left with slots (a failed clip)
         self.sink = sink
         te = RefreshSchedule(self.ecfg.te_refresh_every)
         self.clip = _Clip(torch.Generator(self.device).manual_seed(self.cfg.seed), te)

@@ -395,3 +395,35 @@ def test_ring_buffers_give_the_same_output_with_adapter_and_scene_cuts(tiny_stac
     assert with_ring.shape == (13, 48, 80, 3) and np.array_equal(with_ring, without)
     assert engine.ring.made <= RING_SLOTS
     engine.close()
+
+
+def test_failed_clips_do_not_keep_the_ring_slots(tiny_stack, tmp_path):
+    """A clip that fails mid-way leaves its decoder's ring slots out; two such clips of one size
+    used to leave none for the third, which then waited for ever (a folder on the GPU)."""
+    from stylize.pipeline import OutputConfig, stylize_video
+
+    engine = Engine(tiny_stack, PipelineConfig(prompt=OIL, size=64, batch_size=2), EngineConfig(fast_te=False))
+    src = write_clip(tmp_path / "a.mp4", frames=12)
+    steps, calls = engine.steps, []
+
+    def failing(*args):  # the U-Net fails on a clip's second batch, inside feed
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise RuntimeError("a clip that fails in feed")
+        return steps.velocity(*args)
+
+    engine.use(dataclasses.replace(steps, velocity=failing))
+    for n in range(2):
+        calls.clear()
+        with pytest.raises(RuntimeError):
+            stylize_video(src, tmp_path / f"fail{n}.mp4", engine, OutputConfig(preset="ultrafast"))
+    engine.use(steps)
+    done = []
+    worker = threading.Thread(
+        target=lambda: done.append(stylize_video(src, tmp_path / "ok.mp4", engine, OutputConfig(preset="ultrafast"))),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(60)
+    assert done and done[0].frames == 12, "the third clip waited for ring slots"
+    engine.close()
