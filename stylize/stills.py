@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from .errors import InputError, OutputError
 from .pipeline import Progress, RunStats, Stylizer
-from .video import FrameBatch
+from .video import IMAGE_ERRORS, FrameBatch
 
 JPEG_QUALITY = 95  # also WebP's (lossy; its alpha plane is always stored losslessly)
 
@@ -55,7 +55,7 @@ def read_still(path: str | os.PathLike) -> Still:
                 rgba = img.convert("RGBA")
                 return Still(np.array(rgba.convert("RGB")), np.array(rgba.getchannel("A")), icc)
             return Still(np.array(img.convert("RGB")), None, icc)  # np.array: writable (torch wants it)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except IMAGE_ERRORS as exc:
         raise InputError(f"{path}: cannot read this image ({exc}); replace or remove it") from exc
 
 

@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,20 +35,35 @@ from stylize.threads import produce
 log = logging.getLogger(__name__)
 
 DECODE_AHEAD = 1  # decoded batches kept ready for the consumer: more only adds latency
+MAX_PIXELS = 8192 * 8192  # a frame: a batch of 8 is then 1.6 GB of RGB (FFmpeg's own limit is 16k x 16k)
+AUDIO_RATES_HZ = (4000, 768_000)  # outside: a damaged header (the lowest real rate is AAC's 7350)
+# What Pillow (13) raises on a damaged image: OSError and ValueError mostly, SyntaxError for a broken
+# PNG chunk or EXIF block, IndexError for an empty iCCP chunk, DecompressionBombError for a header
+# of over 179M pixels (all found by tests/test_fuzz.py).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, IndexError, Image.DecompressionBombError)
 # AVColorSpace tag of a decoded frame -> swscale matrix.
-_MATRIX = {1: Colorspace.ITU709, 4: Colorspace.FCC, 5: Colorspace.ITU601, 6: Colorspace.ITU601,
-           7: Colorspace.SMPTE240M, 9: Colorspace.BT2020, 10: Colorspace.BT2020}
+_MATRIX = {
+    1: Colorspace.ITU709,
+    4: Colorspace.FCC,
+    5: Colorspace.ITU601,
+    6: Colorspace.ITU601,
+    7: Colorspace.SMPTE240M,
+    9: Colorspace.BT2020,
+    10: Colorspace.BT2020,
+}
 
 
 @dataclass(frozen=True)
 class AudioInfo:
-    """One source audio track: stream index, codec name, rate in Hz, channels, seconds."""
+    """One source audio track: stream index, codec name, rate in Hz, channels, seconds; `problem`
+    says why the track cannot be carried ("" when it can)."""
 
     index: int
     codec: str
     sample_rate: int
     channels: int
     duration: float | None
+    problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,10 +121,10 @@ class FrameBatch:
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files of a folder in natural order (2.png before 10.png), hidden files skipped."""
-    files = [p for p in folder.iterdir()
-             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
-    return sorted(files, key=lambda p: [int(t) if t.isdigit() else t
-                                        for t in re.split(r"(\d+)", p.name)])
+    files = [
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    ]
+    return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
 def _load_image(path: Path) -> np.ndarray:
@@ -117,31 +132,53 @@ def _load_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-    except (OSError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:
         raise InputError(f"{path}: cannot read this image ({exc}); replace or remove it") from exc
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{path}: frames of {width}x{height} are larger than this tool reads (8192x8192 "
+                         f"pixels); a damaged header, or scale them down first (ffmpeg -vf scale=-2:2160)")  # fmt: skip
 
 
 def _probe_images(folder: Path, fps) -> VideoInfo:
     files = _image_files(folder)
     if not files:
-        raise InputError(f"{folder}: folder holds no images; give a video file or a folder of "
-                         f"numbered frames (00000.jpg, 00001.jpg, ...)")
+        raise InputError(
+            f"{folder}: folder holds no images; give a video file or a folder of "
+            f"numbered frames (00000.jpg, 00001.jpg, ...)"
+        )
     rate = Fraction(24 if fps is None else fps).limit_denominator(1_001_000)
     if rate <= 0:
         raise UsageError(f"frame rate must be positive, got {fps}")
     height, width = _load_image(files[0]).shape[:2]
-    return VideoInfo(path=folder, is_image_sequence=True, coded_width=width, coded_height=height,
-                     display_width=width, display_height=height, rotation=0, fps=rate,
-                     time_base=1 / rate, duration=float(len(files) / rate), frames=len(files),
-                     video_codec=files[0].suffix.lower().lstrip("."), image_files=tuple(files))
+    _check_size(files[0], width, height)
+    return VideoInfo(
+        path=folder,
+        is_image_sequence=True,
+        coded_width=width,
+        coded_height=height,
+        display_width=width,
+        display_height=height,
+        rotation=0,
+        fps=rate,
+        time_base=1 / rate,
+        duration=float(len(files) / rate),
+        frames=len(files),
+        video_codec=files[0].suffix.lower().lstrip("."),
+        image_files=tuple(files),
+    )
 
 
 def open_input(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), "r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a video this tool can read ({exc}); give an "
-                         f".mp4/.mov/.mkv/.webm file or a folder of numbered frames") from exc
+        raise InputError(
+            f"{path}: not a video this tool can read ({exc}); give an "
+            f".mp4/.mov/.mkv/.webm file or a folder of numbered frames"
+        ) from exc
 
 
 def _seconds(value: int | None, time_base) -> float | None:
@@ -160,6 +197,30 @@ def _video_duration(container, stream) -> float | None:
     return container.duration / av.time_base if container.duration else None
 
 
+def _start_time(container, first: av.VideoFrame) -> float:
+    """The file's start in seconds, never after its first frame: FFmpeg's Matroska reader gives a
+    clip of a few frames whose audio starts later that audio's start for the video too, and the
+    writer, which shifts every frame by it, would write them at negative times."""
+    start = (container.start_time or 0) / av.time_base
+    return start if first.time is None else min(start, first.time)
+
+
+def _audio_info(stream) -> AudioInfo:
+    """One audio track. `problem` is set when it cannot be carried into the output: no decoder
+    knows its codec, or its header gives a rate or channel count no real track has (a damaged
+    file; a bogus low rate would have the writer resample seconds of samples into hours). The
+    writer then refuses the clip at once, and --no-audio leaves the track out."""
+    ctx, seconds = stream.codec_context, _seconds(stream.duration, stream.time_base)
+    if ctx is None or ctx.codec is None:
+        return AudioInfo(stream.index, "", 0, 0, seconds, problem="has an unknown codec")
+    info = AudioInfo(stream.index, ctx.codec.canonical_name, ctx.sample_rate, ctx.channels, seconds)
+    if not AUDIO_RATES_HZ[0] <= ctx.sample_rate <= AUDIO_RATES_HZ[1]:
+        return replace(info, problem=f"has a sample rate of {ctx.sample_rate} Hz")
+    if ctx.channels < 1:
+        return replace(info, problem=f"has {ctx.channels} channels")
+    return info
+
+
 def probe(path: str | os.PathLike, fps: Fraction | float | None = None) -> VideoInfo:
     """Describe a video file or a folder of numbered images; InputError if unreadable.
 
@@ -173,7 +234,17 @@ def probe(path: str | os.PathLike, fps: Fraction | float | None = None) -> Video
     with open_input(path) as container:
         if not container.streams.video:
             raise InputError(f"{path}: has no video stream; give a file that contains video")
+        if "mp4" in container.format.name and any(s.id < 0 for s in container.streams):
+            # a track id of 2^31 or more, which FFmpeg reads as negative: a damaged header, and in a
+            # fragmented file one that costs seconds per open (the decoder and the audio copy open it again)
+            raise InputError(f"{path}: a track id is out of range (a damaged header); re-mux it "
+                             f"(ffmpeg -i FILE -c copy NEW.mp4) or replace it")  # fmt: skip
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise InputError(
+                f"{path}: the video stream's codec is unknown (a damaged file, or a codec this "
+                f"FFmpeg build cannot decode)"
+            )
         try:  # decode one frame: it proves the stream readable and carries the display matrix
             first = next(container.decode(stream), None)
         except av.FFmpegError as exc:
@@ -184,18 +255,24 @@ def probe(path: str | os.PathLike, fps: Fraction | float | None = None) -> Video
         if rotation % 90:
             log.warning("%s: rotation %d degrees is rounded to a quarter turn", path, rotation)
         w, h = first.width, first.height
-        audio = tuple(AudioInfo(a.index, a.codec_context.codec.canonical_name, a.rate,
-                                a.channels, _seconds(a.duration, a.time_base))
-                      for a in container.streams.audio)
+        _check_size(path, w, h)
+        audio = tuple(_audio_info(a) for a in container.streams.audio)
         return VideoInfo(
-            path=path, is_image_sequence=False, coded_width=w, coded_height=h,
+            path=path,
+            is_image_sequence=False,
+            coded_width=w,
+            coded_height=h,
             display_width=h if round(rotation / 90) % 2 else w,
-            display_height=w if round(rotation / 90) % 2 else h, rotation=rotation,
+            display_height=w if round(rotation / 90) % 2 else h,
+            rotation=rotation,
             fps=Fraction(stream.average_rate or stream.guessed_rate or stream.base_rate or 24),
             time_base=Fraction(stream.time_base or Fraction(1, 90000)),
-            duration=_video_duration(container, stream), frames=stream.frames or None,
-            audio=audio, start_time=(container.start_time or 0) / av.time_base,
-            video_codec=stream.codec_context.codec.canonical_name)
+            duration=_video_duration(container, stream),
+            frames=stream.frames or None,
+            audio=audio,
+            start_time=_start_time(container, first),
+            video_codec=stream.codec_context.codec.canonical_name,
+        )
 
 
 def _to_rgb(frame: av.VideoFrame, sws: VideoReformatter, info: VideoInfo) -> np.ndarray:
@@ -204,9 +281,15 @@ def _to_rgb(frame: av.VideoFrame, sws: VideoReformatter, info: VideoInfo) -> np.
     if matrix is None:  # untagged: guess like players do
         matrix = Colorspace.ITU709 if frame.width >= 1280 or frame.height > 576 else Colorspace.ITU601
     full = int(frame.color_range) == 2 or frame.format.name.startswith("yuvj")
-    rgb = sws.reformat(frame, width=info.coded_width, height=info.coded_height, format="rgb24",
-                       src_colorspace=matrix, dst_color_range=ColorRange.JPEG,
-                       src_color_range=ColorRange.JPEG if full else ColorRange.MPEG).to_ndarray()
+    rgb = sws.reformat(
+        frame,
+        width=info.coded_width,
+        height=info.coded_height,
+        format="rgb24",
+        src_colorspace=matrix,
+        dst_color_range=ColorRange.JPEG,
+        src_color_range=ColorRange.JPEG if full else ColorRange.MPEG,
+    ).to_ndarray()
     return np.rot90(rgb, round(info.rotation / 90) % 4)  # a view; copied into the batch
 
 
@@ -216,8 +299,10 @@ def _video_frames(info: VideoInfo, stop: threading.Event) -> Iterator[tuple[np.n
         for index, path in enumerate(info.image_files):
             image = _load_image(path)
             if image.shape[:2] != (info.display_height, info.display_width):
-                raise InputError(f"{path}: size {image.shape[1]}x{image.shape[0]} differs from the "
-                                 f"first frame's {info.display_width}x{info.display_height}")
+                raise InputError(
+                    f"{path}: size {image.shape[1]}x{image.shape[0]} differs from the "
+                    f"first frame's {info.display_width}x{info.display_height}"
+                )
             yield image, index
         return
     sws, previous = VideoReformatter(), None
@@ -232,13 +317,13 @@ def _video_frames(info: VideoInfo, stop: threading.Event) -> Iterator[tuple[np.n
                 if pts is None:  # e.g. raw .h264: continue at the nominal rate
                     pts = 0 if previous is None else previous + info.nominal_ticks
                 elif previous is not None and pts <= previous:
-                    log.warning("%s: timestamp %d after %d; using %d", info.path, pts, previous,
-                                previous + 1)
+                    log.warning("%s: timestamp %d after %d; using %d", info.path, pts, previous, previous + 1)
                     pts = previous + 1
                 previous = pts
                 yield _to_rgb(frame, sws, info), pts
         except av.FFmpegError as exc:
-            raise InputError(f"{info.path}: decoding failed after pts {previous} ({exc})") from exc
+            where = "at the first frame" if previous is None else f"after pts {previous}"
+            raise InputError(f"{info.path}: decoding failed {where} ({exc})") from exc
 
 
 def _batches(info: VideoInfo, batch_size: int, ring, stop: threading.Event) -> Iterator[FrameBatch]:
@@ -274,9 +359,13 @@ def _new_batch(info: VideoInfo, batch_size: int, ring, stop: threading.Event) ->
     return None if slot is None else FrameBatch(slot.array, [], [], slot)
 
 
-def read_batches(path_or_info: str | os.PathLike | VideoInfo, batch_size: int,
-                 fps: Fraction | float | None = None, realtime: bool = False,
-                 ring=None) -> Iterator[FrameBatch]:
+def read_batches(
+    path_or_info: str | os.PathLike | VideoInfo,
+    batch_size: int,
+    fps: Fraction | float | None = None,
+    realtime: bool = False,
+    ring=None,
+) -> Iterator[FrameBatch]:
     """FrameBatch items of batch_size frames (the last may be shorter), every frame once.
 
     Probes now (InputError is raised here). Decoding starts at the first next() on a background

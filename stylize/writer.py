@@ -23,7 +23,7 @@ import av
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
-from stylize.errors import OutputError
+from stylize.errors import InputError, OutputError
 from stylize.signals import pause_point
 from stylize.threads import Pipe
 from stylize.video import VideoInfo, open_input
@@ -158,6 +158,10 @@ class VideoWriter:
         ctx.colorspace = ctx.color_primaries = ctx.color_trc = 1  # BT.709
         ctx.color_range = 1  # limited ("MPEG") range
         if self.audio and info.audio and not info.is_image_sequence:
+            bad = next((a for a in info.audio if a.problem), None)  # see video._audio_info
+            if bad is not None:
+                raise InputError(f"{info.path}: audio track {bad.index} {bad.problem} (a damaged file?); "
+                                 f"give --no-audio to leave the audio out")
             self.pump = _AudioPump(info, self.container)
 
     def write(self, frames: np.ndarray, pts) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import struct
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -19,8 +20,19 @@ import pytest
 from stylize.errors import InputError
 from stylize.video import FrameBatch, VideoInfo, probe, read_batches
 from stylize.writer import VideoWriter
-
-from tests.clips import (MEDIA, FAST, pattern, sine, make_clip, make_image_folder, decode_audio, audio_packets, roundtrip, check_roundtrip, decode_threads)  # noqa: F401
+from tests.clips import (  # noqa: F401
+    FAST,
+    MEDIA,
+    audio_packets,
+    check_roundtrip,
+    decode_audio,
+    decode_threads,
+    make_clip,
+    make_image_folder,
+    pattern,
+    roundtrip,
+    sine,
+)
 
 
 def test_probe_generated_clip(tmp_path):
@@ -190,8 +202,11 @@ def test_decode_uses_the_streams_colour_matrix(tmp_path, tag, matrix):
         if tag is not None:
             stream.codec_context.colorspace, stream.codec_context.color_range = tag, 1
         frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
-            format="yuv444p", dst_colorspace=getattr(Colorspace, matrix),
-            src_color_range=ColorRange.JPEG, dst_color_range=ColorRange.MPEG)
+            format="yuv444p",
+            dst_colorspace=getattr(Colorspace, matrix),
+            src_color_range=ColorRange.JPEG,
+            dst_color_range=ColorRange.MPEG,
+        )
         frame.pts = 0
         out.mux(stream.encode(frame))
         out.mux(stream.encode())
@@ -227,3 +242,136 @@ def test_realtime_pacing_delivers_frames_at_their_timestamps(tmp_path):
     arrivals = [t for b in batches for t in b.decoded_at]
     gaps = np.diff(arrivals)
     assert np.allclose(gaps, 1 / 24, atol=0.01)
+
+
+# ----------------------------------------------------------------------------- damaged inputs (found by test_fuzz.py)
+
+
+def _damaged_mkv(tmp_path: Path, old: bytes, new: bytes) -> Path:
+    """A Matroska clip (H.264, 3 frames, PCM audio) with one run of bytes replaced, same length."""
+    clip = make_clip(tmp_path / "clip.mkv", pts=[0, 40, 80], audio_codec="pcm_s16le", audio_rate=8000, channels=1)
+    data = clip.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    damaged = tmp_path / "damaged.mkv"
+    damaged.write_bytes(data.replace(old, new))
+    return damaged
+
+
+def _write_all(src: Path, dst: Path, audio: bool = True) -> None:
+    info = probe(src)
+    with VideoWriter(dst, info, audio=audio, **FAST) as writer:
+        for batch in read_batches(info, 4):
+            writer.write(batch.frames, batch.pts)
+
+
+@pytest.mark.parametrize("old, new, problem", [
+    (b"A_PCM/INT/LIT", b"A_XXX/INT/LIT", "has an unknown codec"),  # was AttributeError in probe
+    (b"\xb5\x88" + struct.pack(">d", 8000.0), b"\xb5\x88" + struct.pack(">d", 5.0), "has a sample rate of 5 Hz"),
+], ids=["unknown-codec", "5-hz"])  # fmt: skip
+def test_unusable_audio_track_is_refused_with_a_way_out(tmp_path, old, new, problem):
+    """A track no decoder knows (a damaged codec tag) made probe raise AttributeError; one whose
+    header says 5 Hz had the writer resample its samples into minutes of AAC (seconds of work for
+    a 5 kB file, hours for a large one). Both: one line naming the file and --no-audio, nothing
+    left beside the output; with audio off the clip goes through."""
+    src = _damaged_mkv(tmp_path, old, new)
+    assert probe(src).audio[0].problem == problem
+    start = time.perf_counter()
+    with pytest.raises(InputError) as error:
+        _write_all(src, tmp_path / "out.mp4")
+    assert time.perf_counter() - start < 2
+    message = str(error.value)
+    assert message.startswith(f"{src}: audio track 1 {problem}") and "--no-audio" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mkv", "damaged.mkv"]
+    _write_all(src, tmp_path / "out.mp4", audio=False)
+    assert probe(tmp_path / "out.mp4").audio == ()
+
+
+def test_video_stream_without_a_decoder_says_so(tmp_path):
+    src = _damaged_mkv(tmp_path, b"V_MPEG4/ISO/AVC", b"V_XXXXX/ISO/AVC")
+    with pytest.raises(InputError, match="the video stream's codec is unknown"):
+        probe(src)
+
+
+def _damaged_png(tmp_path: Path, damage: str) -> bytes:
+    """A 64x48 PNG with an EXIF block, damaged as the fuzzer found (CRCs mended where Pillow checks)."""
+    from PIL import Image
+
+    from tests.fuzzing import mend_crc, png_chunks
+
+    path = tmp_path / "good.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: Pillow parses the block to turn the picture
+    Image.fromarray(pattern(0, 64, 48)).save(path, exif=exif)
+    data = bytearray(path.read_bytes())
+    path.unlink()
+    chunks = {c.tag: c for c in png_chunks(bytes(data))}
+    if damage == "chunk length":  # IDAT's length halved: its tail is read as the next chunk
+        idat = chunks[b"IDAT"]
+        data[idat.at : idat.at + 4] = ((idat.size - 12) // 2).to_bytes(4, "big")
+    elif damage == "exif header":  # no longer a TIFF header
+        data[chunks[b"eXIf"].data] = 0x0D
+        mend_crc(data, chunks[b"eXIf"])
+    elif damage == "empty iCCP":  # IEND (no data) renamed
+        data[chunks[b"IEND"].at + 4 : chunks[b"IEND"].at + 8] = b"iCCP"
+        mend_crc(data, chunks[b"IEND"])
+    else:  # a decompression bomb: 20000 x 20000 pixels
+        data[chunks[b"IHDR"].data : chunks[b"IHDR"].data + 8] = (20000).to_bytes(4, "big") * 2
+        mend_crc(data, chunks[b"IHDR"])
+    return bytes(data)
+
+
+@pytest.mark.parametrize("damage", ["chunk length", "exif header", "empty iCCP", "bomb"])
+def test_damaged_image_is_an_input_error(tmp_path, damage):
+    """Pillow raises SyntaxError (a broken chunk, a broken EXIF block), IndexError (an empty iCCP
+    chunk) and DecompressionBombError, not only OSError and ValueError: each escaped the frame
+    reader (a folder's frame) and read_still (a still) as a crash."""
+    from stylize.stills import read_still
+
+    data = _damaged_png(tmp_path, damage)
+    folder = make_image_folder(tmp_path / "frames", count=3)
+    (folder / "00001.png").write_bytes(data)
+    with pytest.raises(InputError, match="00001.png: cannot read this image"):
+        for _ in read_batches(folder, 1):
+            pass
+    (tmp_path / "still.png").write_bytes(data)
+    with pytest.raises(InputError, match="still.png: cannot read this image"):
+        read_still(tmp_path / "still.png")
+
+
+def test_mp4_track_id_out_of_range_is_refused(tmp_path):
+    """A fragmented MP4 whose track id is 2^31 or more (FFmpeg reads it as negative) costs FFmpeg
+    ~2 s per open, and the file was opened three times (probe, decoder, audio copy): a 4 kB clip
+    took 9 s. probe now refuses it after the first."""
+    from tests.fuzzing import mp4_boxes, muxed_clip
+
+    src = muxed_clip(tmp_path / "frag.mp4", "libx264", "aac", 8000, {"movflags": "frag_keyframe+empty_moov"})
+    data = bytearray(src.read_bytes())
+    tkhd = next(b for b in mp4_boxes(bytes(data)) if b.tag == b"tkhd")
+    data[tkhd.at + 20] |= 0x80  # the video track's id, + 2^31
+    src.write_bytes(data)
+    with pytest.raises(InputError, match="track id is out of range"):
+        probe(src)
+
+
+def test_frames_over_the_size_limit_are_refused(tmp_path, monkeypatch):
+    """A damaged header can decode as a huge frame (FFmpeg allows 16k x 16k), and a batch of them
+    would take gigabytes: frames over MAX_PIXELS are refused at probe, for files and folders."""
+    import stylize.video
+
+    monkeypatch.setattr(stylize.video, "MAX_PIXELS", 64 * 48 - 1)
+    with pytest.raises(InputError, match="64x48 are larger than this tool reads"):
+        probe(make_clip(tmp_path / "clip.mp4", pts=[0, 40]))
+    with pytest.raises(InputError, match="00000.png: frames of 64x48 are larger"):
+        probe(make_image_folder(tmp_path / "frames", count=2))
+
+
+def test_start_time_is_never_after_the_first_frame(tmp_path):
+    """FFmpeg's Matroska reader gives a 3-frame clip whose audio starts at 0.5 s a start time of
+    0.5 s for its video too. The writer shifted every frame by it, to negative times, and the
+    output's video did not decode (found by the fuzzer as a damaged audio block timestamp)."""
+    clip = make_clip(tmp_path / "late.mkv", pts=[0, 40, 80], audio_codec="pcm_s16le", audio_rate=8000, channels=1,
+                     audio_start=0.5)  # fmt: skip
+    assert probe(clip).start_time == 0
+    r = roundtrip(clip, tmp_path / "out.mp4", **FAST)
+    np.testing.assert_allclose(r["sec_out"], [0, 0.04, 0.08], atol=1e-3)
+    assert decode_audio(tmp_path / "out.mp4")[1] > 0.3  # the audio still starts later
