@@ -151,6 +151,14 @@ def json_normal(obj):
     return json.loads(json.dumps(obj))
 
 
+# ModelConfig fields that say how the model is run, not what it is: outside the config's hash
+RUN_FIELDS = ("styles", "cpu_size", "cpu_threads")
+
+
+def config_sha(cfg) -> str:
+    return sha256_of({k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_FIELDS})
+
+
 def tokenizer_sha(tok) -> str:
     return sha256_of(json.loads(tok.backend_tokenizer.to_str()))
 
@@ -251,7 +259,7 @@ def main(argv=None) -> int:
     m = Mini(cfg, tok, args.seed, device)
     record = json_normal({
         "seed": args.seed, "plan": [dataclasses.asdict(s) for s in plan], "styles": styles,
-        "config_sha256": sha256_of(dataclasses.asdict(cfg)), "tokenizer_sha256": tokenizer_sha(tok),
+        "config_sha256": config_sha(cfg), "tokenizer_sha256": tokenizer_sha(tok),
         "data": data_record(), "chunks": [], "step": 0, "fit": fit,
     })  # fmt: skip
     tensors = None
@@ -308,6 +316,8 @@ def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device
             out_of_time = elapsed + 2 * per_step > budget_s
             boundary = step % args.save_every == 0 or step == total or stage_at_or_end(plan, step) != index
             if out_of_time or boundary or (args.steps is not None and done_here >= args.steps):
+                chunk["vae_psnr"] = vae_psnr(m, batches, device)
+                print(json.dumps({"step": step, "vae_psnr_256": chunk["vae_psnr"]}), flush=True)
                 record = save(m, optimizer, params, record, chunk, step, plan, losses, t_start, args.out)
                 losses = []  # their means are in the chunk's record now
             if out_of_time:
@@ -377,6 +387,23 @@ def default_workers(args, device) -> int:
     if args.workers is not None:
         return args.workers
     return max(1, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0
+
+
+@torch.no_grad()
+def vae_psnr(m: Mini, batches: Batches, device) -> float:
+    """The VAE's round trip of 16 fixed 256 px photo crops (not a training step's), in dB: the
+    cap on what the U-Net's output can reach (a blurry VAE blurs every style; NOTES item 19)."""
+    from stylize.train import mini_data
+    from stylize.train.mini_steps import decode01, encode01
+
+    plan = mini_data.plan_step(10**6, 0, 0, batches.stills_hw, batches.prompts, 16, (256,))
+    x = mini_data.gpu_crops(batches.stills, plan)
+    was = m.vae.training
+    m.vae.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        y = decode01(m.vae, encode01(m.vae, x)).float().clamp(0, 1)
+    m.vae.train(was)
+    return round(float(10 * torch.log10(1 / (y - x.float()).square().mean())), 2)
 
 
 def stage_at_or_end(plan, step: int) -> int | None:

@@ -202,3 +202,13 @@ def test_stored_style_vectors_match_scikit_image():
     fresh = mini_data.make_style_vectors(["gravel"])
     assert fresh["gravel"]["pixels_sha256"] == stored["gravel"]["pixels_sha256"]
     np.testing.assert_allclose(fresh["gravel"]["vector"], stored["gravel"]["vector"], rtol=0, atol=1e-6)
+
+
+def test_how_mini_is_run_does_not_change_its_identity(train_mini):
+    """A checkpoint is matched to the model by the config's hash: the fields that say how it is
+    run (its CPU size, threads, the styles the CLI lets through) are not part of it, so adding or
+    changing them keeps checkpoints and shipped weights valid."""
+    cfg = model_config("mini")
+    same = dataclasses.replace(cfg, cpu_size=999, cpu_threads=7, styles=["oil"])
+    assert train_mini.config_sha(cfg) == train_mini.config_sha(same)
+    assert train_mini.config_sha(cfg) != train_mini.config_sha(dataclasses.replace(cfg, te_image_size=64))
