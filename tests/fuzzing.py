@@ -580,7 +580,7 @@ def _digest(folder: Path) -> dict[str, str]:
 def run_case(case: Case, work: Path, stylizer, out_cfg, limit: float = LIMIT_S) -> Outcome:
     """Write the case's files into the empty folder `work` and stylize its input as the CLI would,
     into `<name>_fuzz.mp4` beside it (a still: `<stem>_fuzz.png`); judge the result (Outcome)."""
-    from stylize.pipeline import stylize_video
+    from stylize.pipeline import out_of_memory_is_one_line, stylize_video
     from stylize.stills import stylize_still
 
     for relative, data in case.files.items():
@@ -593,7 +593,7 @@ def run_case(case: Case, work: Path, stylizer, out_cfg, limit: float = LIMIT_S) 
     status, detail, frames = "ok", "", 0
     start = time.perf_counter()
     try:
-        with time_limit(limit):
+        with time_limit(limit), out_of_memory_is_one_line(stylizer.cfg):  # as the CLI runs each input
             run = stylize_still(src, dst, stylizer) if still else stylize_video(src, dst, stylizer, out_cfg)
             frames = run.frames
     except StylizeError as exc:
