@@ -35,6 +35,7 @@ from stylize.threads import produce
 log = logging.getLogger(__name__)
 
 DECODE_AHEAD = 1  # decoded batches kept ready for the consumer: more only adds latency
+OPEN_MEMORY_BYTES = 256 << 20  # held by an open file beyond its own size (real files: a few MB)
 MAX_PIXELS = 8192 * 8192  # a frame: a batch of 8 is then 1.6 GB of RGB (FFmpeg's own limit is 16k x 16k)
 AUDIO_RATES_HZ = (4000, 768_000)  # outside: a damaged header (the lowest real rate is AAC's 7350)
 # What Pillow (13) raises on a damaged image: OSError and ValueError mostly, SyntaxError for a broken
@@ -136,6 +137,27 @@ def _load_image(path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read this image ({exc}); replace or remove it") from exc
 
 
+def _resident_bytes() -> int | None:
+    """This process's resident memory now (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _check_held_memory(path: Path, before: int | None) -> None:
+    """FFmpeg's MP4 reader sizes its sample index by the counts in the header and zeroes it: a few
+    damaged bytes in a 4 kB file can hold 1.2 GB for as long as the file is open, and the decoder
+    and the audio copy each open it again, at once. A real file's index is a few MB, never much
+    more than the file itself; refuse one that holds more than OPEN_MEMORY_BYTES beyond its size."""
+    now = _resident_bytes()
+    held = 0 if before is None or now is None else now - before
+    if held > OPEN_MEMORY_BYTES + path.stat().st_size:
+        raise InputError(f"{path}: opening it takes {held >> 20} MB of memory, far more than its index "
+                         f"can need (a damaged header); replace the file")  # fmt: skip
+
+
 def _check_size(path: Path, width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise InputError(f"{path}: frames of {width}x{height} are larger than this tool reads (8192x8192 "
@@ -231,7 +253,9 @@ def probe(path: str | os.PathLike, fps: Fraction | float | None = None) -> Video
         raise InputError(f"{path}: no such file or folder; check the input path")
     if path.is_dir():
         return _probe_images(path, fps)
+    before = _resident_bytes()
     with open_input(path) as container:
+        _check_held_memory(path, before)
         if not container.streams.video:
             raise InputError(f"{path}: has no video stream; give a file that contains video")
         if "mp4" in container.format.name and any(s.id < 0 for s in container.streams):

@@ -375,3 +375,21 @@ def test_start_time_is_never_after_the_first_frame(tmp_path):
     r = roundtrip(clip, tmp_path / "out.mp4", **FAST)
     np.testing.assert_allclose(r["sec_out"], [0, 0.04, 0.08], atol=1e-3)
     assert decode_audio(tmp_path / "out.mp4")[1] > 0.3  # the audio still starts later
+
+
+def test_file_whose_open_holds_absurd_memory_is_refused(tmp_path, monkeypatch):
+    """A fragmented MP4 whose trun box says 1 (a 64-bit size follows) made FFmpeg hold 1.2 GB per
+    open for a 4 kB file; the decoder and the audio copy open it at once: 2.8 GiB at the peak.
+    probe measures what opening the file holds and refuses the file past a limit (lowered here:
+    a trun claiming 2M samples holds ~70 MB)."""
+    import stylize.video
+    from tests.fuzzing import mp4_boxes, muxed_clip
+
+    src = muxed_clip(tmp_path / "frag.mp4", "libx264", "aac", 8000, {"movflags": "frag_keyframe+empty_moov"})
+    data = bytearray(src.read_bytes())
+    last = [b for b in mp4_boxes(bytes(data)) if b.tag == b"trun"][-1]
+    data[last.at + 12 : last.at + 16] = (2_000_000).to_bytes(4, "big")  # its sample count
+    src.write_bytes(data)
+    monkeypatch.setattr(stylize.video, "OPEN_MEMORY_BYTES", 16 << 20)
+    with pytest.raises(InputError, match=r"opening it takes \d+ MB of memory"):
+        probe(src)
