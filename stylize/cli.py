@@ -386,13 +386,17 @@ def models() -> None:
 
     from .config import FULL_MODEL_HINT, default_model, list_presets, model_config
 
-    chosen = default_model()
     table = Table("model", "kind", "status", box=None)
     for name in list_presets("models"):
         cfg = model_config(name)
         table.add_row(name, cfg.kind, _availability(cfg))
     console = Console()
     console.print(table)
+    try:
+        chosen = default_model()
+    except UsageError as e:  # STYLIZE_MODEL names nothing usable: a run without --model says the same
+        console.print(f"\nwithout --model: error: {e}", soft_wrap=True)
+        raise typer.Exit(2) from None
     console.print(f"\nwithout --model: {chosen.config.name} ({chosen.why})", soft_wrap=True)
     if chosen.fallback:
         console.print(FULL_MODEL_HINT, soft_wrap=True)

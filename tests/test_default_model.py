@@ -111,6 +111,8 @@ def test_stylize_model_names_the_weights(hub_cache, tiny_dir, tmp_path, monkeypa
     monkeypatch.setenv("STYLIZE_MODEL", str(tmp_path / "nowhere"))
     with pytest.raises(UsageError, match="STYLIZE_MODEL="):
         run_options(style="oil", prompt=None, model=None)
+    r = invoke("models", app=sub_app)  # the listing still shows, then says what is wrong
+    assert r.exit_code == 2 and "tiny" in r.stdout and "STYLIZE_MODEL=" in r.stdout
 
 
 def test_the_full_model_in_the_hub_cache_is_the_default(hub_cache, tiny_dir):
