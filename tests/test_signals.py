@@ -251,12 +251,7 @@ class Run:
         self.exit_s: float | None = None
 
     def step(self) -> None:
-        if self.returncode is not None:
-            return
-        code = self.proc.poll()
-        if code is not None:
-            self.returncode = code
-            self.exit_s = None if self.signalled is None else time.monotonic() - self.signalled
+        if _ended(self):
             return
         if self.signalled is not None and not self.nohup:
             if time.monotonic() - self.signalled > 2 * EXIT_S:  # long overdue: stop waiting for it
@@ -383,6 +378,19 @@ def _held(tmp_path: Path, state: str) -> tuple[subprocess.Popen, Path]:
     return proc, marker
 
 
+def _ended(run) -> bool:
+    """Whether `run.proc` has ended; the first time it is seen ended, its returncode and the
+    seconds from the signal to its exit (exit_s) are recorded on `run`."""
+    if run.returncode is not None:
+        return True
+    code = run.proc.poll()
+    if code is None:
+        return False
+    run.returncode = code
+    run.exit_s = None if run.signalled is None else time.monotonic() - run.signalled
+    return True
+
+
 class Hung:
     """HELD, sent SIGTERM once running; its clean-up hangs. Driven with the matrix's runs (as a Run:
     step(), returncode, exit_s), so that the 4 s it must wait pass while they run."""
@@ -396,13 +404,9 @@ class Hung:
         self.exit_s: float | None = None
 
     def step(self) -> None:
-        if self.returncode is not None:
+        if _ended(self):
             return
-        code = self.proc.poll()
-        if code is not None:
-            self.returncode = code
-            self.exit_s = None if self.signalled is None else time.monotonic() - self.signalled
-        elif self.signalled is None and self.output() == "running":
+        if self.signalled is None and self.output() == "running":
             self.proc.send_signal(signal.SIGTERM)
             self.signalled = time.monotonic()
         elif self.signalled is not None and time.monotonic() - self.signalled > GRACE_S + 5:
