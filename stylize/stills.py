@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InputError, OutputError
+from .partial import partial_path, remove_predecessors
 from .pipeline import Progress, RunStats, Stylizer
 from .video import IMAGE_ERRORS, FrameBatch
 
@@ -74,7 +74,8 @@ def write_still(dst: str | os.PathLike, rgb_hwc: np.ndarray, alpha_hw: np.ndarra
     if icc_profile and fmt != "BMP":
         options["icc_profile"] = icc_profile
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.stem}.partial-{secrets.token_hex(4)}{dst.suffix}"
+    remove_predecessors(dst)
+    tmp = partial_path(dst)
     try:
         with open(tmp, "wb") as handle:
             img.save(handle, format=fmt, **options)

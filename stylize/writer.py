@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from stylize.errors import InputError, OutputError
+from stylize.partial import partial_path, remove_predecessors
 from stylize.signals import pause_point
 from stylize.threads import Pipe
 from stylize.video import VideoInfo, open_input
@@ -105,7 +105,7 @@ class VideoWriter:
     """Writes uint8 RGB frames (B, H, W, 3) at info's display size to an H.264 .mp4 at dst.
 
     A context manager: frames go to a hidden temporary file beside dst
-    (.<name>.partial-<random>.mp4), renamed onto dst only after a clean exit. On any exception,
+    (.<name>.partial-<run>-<random>.mp4, partial.py), renamed onto dst only after a clean exit. On any exception,
     KeyboardInterrupt included, the temporary file is deleted and dst is left as it was.
     Colour conversion, encoding and muxing run on a background thread behind a bounded queue, so
     `write` returns at once; an error there is raised by the next `write` or at the exit.
@@ -134,7 +134,8 @@ class VideoWriter:
 
     def __enter__(self) -> VideoWriter:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.dst.parent / f".{self.dst.stem}.partial-{secrets.token_hex(4)}.mp4"
+        remove_predecessors(self.dst)  # what an earlier run that was killed outright left
+        self.tmp = partial_path(self.dst)
         try:
             self._open()
         except BaseException as exc:
