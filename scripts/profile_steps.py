@@ -103,12 +103,16 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--model", default="random-full")
     ap.add_argument("--compiled", default="", help="steps also timed compiled, e.g. text,velocity")
+    ap.add_argument("--channels-last", action="store_true", help="the U-Net and the VAE in channels_last memory format")
     args = ap.parse_args()
 
     batch, ecfg, _, _ = ROWS[args.row]
     t = time.perf_counter()
     stack = load_stack(model_config(args.model), "cuda")
     load_s = time.perf_counter() - t
+    if args.channels_last:
+        stack.unet.to(memory_format=torch.channels_last)
+        stack.vae.to(memory_format=torch.channels_last)
     cfg = PipelineConfig(prompt=style_config("oil").prompt, size=args.size, crop="center", batch_size=batch)
     engine = Engine(stack, cfg, ecfg)
     kept: dict[str, tuple] = {}
@@ -132,7 +136,7 @@ def main() -> None:
 
     result = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
-        "row": args.row, "batch": batch, "size": args.size, "model_load_s": round(load_s, 1), "steps": {},
+        "row": args.row, "channels_last": args.channels_last, "batch": batch, "size": args.size, "model_load_s": round(load_s, 1), "steps": {},
     }  # fmt: skip
     compiled = [s for s in args.compiled.split(",") if s]
     with torch.inference_mode():

@@ -141,6 +141,18 @@ def plan_with(spec: str | None, size: int | None, batch: int | None) -> tuple[St
     return tuple(s for s in plan)
 
 
+def replans(stored: list[dict], new: list[dict], step: int) -> bool:
+    """Whether `new` keeps every stage that has started by `step` as `stored` had it (only the
+    steps of stages still to come differ): the plan a resume may switch to (`--plan`), once the
+    first stages' measured rates say how long the later ones should be."""
+    start = 0
+    for old, cur in zip(stored, new):
+        if start < step and old != cur:
+            return False
+        start += old["steps"]
+    return len(stored) == len(new)
+
+
 # ------------------------------------------------------------------------------------- provenance
 def sha256_of(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -214,6 +226,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log", type=Path, default=None, help="also append JSON lines of the log here")
     ap.add_argument("--commit", default=None, help="the commit trained (default: git rev-parse HEAD)")
     ap.add_argument("--count-ops", action="store_true", help="count the ops of one step per stage and exit")
+    ap.add_argument("--profile", action="store_true",
+                    help="time the parts of a step of each stage (batch, forward, backward, optimiser) and exit")
     ap.add_argument(
         "--bench",
         default=None,
@@ -249,7 +263,7 @@ def main(argv=None) -> int:
     if resuming and not args.plan:  # the plan a run started with (--fit's included) is the plan it goes on with
         stored_plan = ckpt.load_checkpoint(args.resume, metadata_only=True)[1]["plan"]
         plan = tuple(Stage(**{**s, "sizes": tuple(s["sizes"]), "trains": tuple(s["trains"])}) for s in stored_plan)
-    elif args.fit and not (args.export or args.bench or args.count_ops):
+    elif args.fit and not (args.export or args.bench or args.count_ops or args.profile):
         rates = probe(cfg, tok, plan, styles, args, device)
         plan = fit_plan(plan, rates, args.fit)
         fit = {"minutes": args.fit, "s_per_step": {k: round(v, 4) for k, v in rates.items()},
@@ -268,9 +282,11 @@ def main(argv=None) -> int:
         # exporting or timing needs the same model; training on needs the same run too
         same = ("config_sha256", "tokenizer_sha256")
         for key in same if (args.export or args.bench) else (*same, "seed", "plan", "styles", "data"):
+            if key == "plan" and args.plan and replans(stored["plan"], record["plan"], stored["step"]):
+                continue  # a resume may change the steps of stages that have not started
             if stored.get(key) != record[key]:
                 sys.exit(f"train_mini.py: {args.resume} was trained with another {key}; start afresh or match it")
-        record = {"fit": None, **stored}
+        record = {"fit": None, **stored, "plan": record["plan"]}
         ckpt.restore_modules(m.modules, tensors)
     if args.export:
         return export(m, record, args.export)
@@ -278,6 +294,8 @@ def main(argv=None) -> int:
         return bench(m, record, args, device)
     if args.count_ops:
         return count_ops(m, plan, styles, args, device)
+    if args.profile:
+        return profile(m, plan, styles, args, device)
     return train(m, plan, total, record, tensors, styles, args, device)
 
 
@@ -372,6 +390,55 @@ def probe(cfg, tok, plan, styles, args, device, steps: int = 24) -> dict[str, fl
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rates
+
+
+def profile(m: Mini, plan, styles, args, device, steps: int = 12) -> int:
+    """Where a step's time goes, per stage: the batch (crops and teachers), the forward with its
+    loss, the backward and the optimiser, each bracketed by a device sync; ms medians of the last
+    half of `steps` steps (the first are cudnn's tuning and the workers' start)."""
+    import statistics
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    short = tuple(dataclasses.replace(s, steps=steps) for s in plan)
+    workers = default_workers(args, device)
+    batches = Batches(train_data.load_stills(), styles, short, args.seed, device, workers, ahead=2 * max(1, workers))
+    try:
+        for index, stage in enumerate(short):
+            params = m.trainable(stage)
+            optimizer = optimizer_for(params, device)
+            parts: dict[str, list[float]] = {"batch": [], "forward": [], "backward": [], "optimizer": []}
+            for local in range(steps):
+                step = index * steps + local
+                gen = torch.Generator(device).manual_seed(step_seed(args.seed, index, step))
+                sync()
+                t0 = time.monotonic()
+                p, x, y = batches.get(step, 3 * steps)
+                sync()
+                t1 = time.monotonic()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = step_loss(stage, m, p, x, y, gen)
+                sync()
+                t2 = time.monotonic()
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                sync()
+                t3 = time.monotonic()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+                optimizer.step()
+                sync()
+                t4 = time.monotonic()
+                if local >= steps // 2:
+                    for k, (a, b) in zip(parts, [(t0, t1), (t1, t2), (t2, t3), (t3, t4)]):
+                        parts[k].append((b - a) * 1000)
+            ms = {k: round(statistics.median(v), 1) for k, v in parts.items()}
+            print(json.dumps({"profile": stage.name, "samples": len(p.prompts), "ms": ms,
+                              "total_ms": round(sum(ms.values()), 1)}), flush=True)  # fmt: skip
+    finally:
+        batches.close()
+    return 0
 
 
 def fit_plan(plan, rates: dict[str, float], minutes: float) -> tuple[Stage, ...]:

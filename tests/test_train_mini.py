@@ -212,3 +212,16 @@ def test_how_mini_is_run_does_not_change_its_identity(train_mini):
     same = dataclasses.replace(cfg, cpu_size=999, cpu_threads=7, styles=["oil"])
     assert train_mini.config_sha(cfg) == train_mini.config_sha(same)
     assert train_mini.config_sha(cfg) != train_mini.config_sha(dataclasses.replace(cfg, te_image_size=64))
+
+
+def test_a_resume_may_replan_only_the_stages_still_to_come(train_mini):
+    """Once the first stages' measured rates are known, the later stages' steps may change on a
+    resume (`--plan`); a stage that has started may not."""
+    plan = [dataclasses.asdict(s) for s in train_mini.plan_with("vae=100,latent=200,pixels=50", None, None)]
+    longer_latent = [dataclasses.asdict(s) for s in train_mini.plan_with("vae=100,latent=900,pixels=50", None, None)]
+    longer_vae = [dataclasses.asdict(s) for s in train_mini.plan_with("vae=400,latent=200,pixels=50", None, None)]
+    assert train_mini.replans(plan, longer_latent, step=60)  # in the vae stage: latent has not started
+    assert train_mini.replans(plan, longer_latent, step=100)  # latent's first step is still to come
+    assert not train_mini.replans(plan, longer_latent, step=101)
+    assert not train_mini.replans(plan, longer_vae, step=60)
+    assert not train_mini.replans(plan, plan[:2], step=10)
