@@ -253,6 +253,7 @@ class StreamGraph:
         self.graphs: OrderedDict = OrderedDict()  # signature -> (graph, static inputs, static outputs)
         self.seen: set = set()
         self.replays = 0
+        self.stream = None  # the one stream this step captures on (made at its first capture)
 
     def __call__(self, *args):
         key = tuple(_signature(a) for a in args)
@@ -277,8 +278,13 @@ class StreamGraph:
         caller = torch.cuda.current_stream()
         static_in = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         # capture needs a non-default stream (the engine's main stream is the default one); the
-        # graph then replays on whichever stream calls it
-        stream = torch.cuda.Stream(caller.device)
+        # graph then replays on whichever stream calls it. One stream per step for all its
+        # captures: cuBLAS keeps a workspace for every stream it has run on and never frees it, so
+        # a new stream per capture grew GPU memory by ~30 MB a new shape, until torch's pool of 32
+        # streams came round again (benchmarks/NOTES.md item 27)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(caller.device)
+        stream = self.stream
         stream.wait_stream(caller)  # the static inputs are written
         graph = torch.cuda.CUDAGraph()
         # thread_local: the collector and writer threads may touch CUDA while this thread captures

@@ -122,6 +122,29 @@ def test_stream_graph_on_a_side_stream():
     assert len(graphed.graphs) == 2 and graphed.replays == 5
 
 
+def test_stream_graph_memory_is_bounded_over_many_shapes():
+    """Captures of ever new shapes, evicted beyond `keep`, do not grow GPU memory: each step
+    captures on one stream of its own (a new stream per capture grew it by cuBLAS's per-stream
+    workspace until torch's pool of 32 streams came round again: the 110-clip run, NOTES 27)."""
+    from stylize.optimize import StreamGraph
+
+    w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+
+    def step(x):
+        return torch.relu(x @ w)
+
+    graphed = StreamGraph(step, keep=2)
+    allocated = []
+    for i in range(48):
+        x = torch.randn(8 + i, 256, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):  # eager, capture, replay
+            torch.testing.assert_close(graphed(x), step(x))
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert len(graphed.graphs) == 2
+    assert allocated[-1] - allocated[8] < 4 * 2**20, [a // 2**20 for a in allocated]
+
+
 def test_full_size_fast_te_and_engine_in_bf16(cuda_full):
     """At the real shapes in bf16: the fast TE is as close to a float32 run of the stock model as
     the stock model's own bf16 run is (bf16 noise), and the engine agrees with the plain path."""
