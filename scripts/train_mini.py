@@ -38,6 +38,11 @@ uninterrupted one would have.
 | latent | U-Net + Qwen3-VL | DreamLite's one-step edit in latent space (below) | MSE of the velocity | 34,000 | 64 | 5e-4 |
 | pixels | U-Net + Qwen3-VL + decoder | K=1 end to end: decode(noise - v) against the teacher's pixels | L1 + Sobel L1 + 0.25 latent MSE | 20,000 | 32 | 1e-4 |
 
+The U-Net stages reuse each sample for 4 consecutive steps (`Stage.reuse`: a step makes a quarter
+of its batch anew, its crops and the teachers' outputs, and takes the rest from the three steps
+before it), with one crop side per 50 steps (`side_every`): the teachers were two thirds of a
+step (NOTES 28).
+
 The latent stage: x_s = (1 - s) E(teacher(crop)) + s noise, the U-Net's input cat([x_s, E(crop)],
 width) with t = 1000 s and time_ids [S, S], the text encoder's states of (the crop at 128 px, the
 sample's prompt); target velocity noise - E(teacher). s = 1 for 3/4 of the samples (the K=1 fast
@@ -118,8 +123,8 @@ from stylize.train.mini_steps import Batches, Mini, Stage, lr_at, optimizer_for,
 
 PLAN = (  # the module docstring gives the arithmetic behind the steps
     Stage("vae", 8_000, 48, 1e-3, ("vae",)),
-    Stage("latent", 34_000, 64, 5e-4, ("unet", "text_encoder")),
-    Stage("pixels", 20_000, 32, 1e-4, ("unet", "text_encoder", "decoder")),
+    Stage("latent", 34_000, 64, 5e-4, ("unet", "text_encoder"), reuse=4, side_every=50),
+    Stage("pixels", 20_000, 32, 1e-4, ("unet", "text_encoder", "decoder"), reuse=4, side_every=50),
 )
 
 
@@ -141,15 +146,20 @@ def plan_with(spec: str | None, size: int | None, batch: int | None) -> tuple[St
     return tuple(s for s in plan)
 
 
+def stages(records: list[dict]) -> tuple[Stage, ...]:
+    """A plan as recorded (JSON) back into Stages; fields it predates take their defaults."""
+    return tuple(Stage(**{**s, "sizes": tuple(s["sizes"]), "trains": tuple(s["trains"])}) for s in records)
+
+
 def replans(stored: list[dict], new: list[dict], step: int) -> bool:
     """Whether `new` keeps every stage that has started by `step` as `stored` had it (only the
     steps of stages still to come differ): the plan a resume may switch to (`--plan`), once the
     first stages' measured rates say how long the later ones should be."""
     start = 0
-    for old, cur in zip(stored, new):
+    for old, cur in zip(stages(stored), stages(new)):
         if start < step and old != cur:
             return False
-        start += old["steps"]
+        start += old.steps
     return len(stored) == len(new)
 
 
@@ -262,7 +272,7 @@ def main(argv=None) -> int:
     fit = None
     if resuming and not args.plan:  # the plan a run started with (--fit's included) is the plan it goes on with
         stored_plan = ckpt.load_checkpoint(args.resume, metadata_only=True)[1]["plan"]
-        plan = tuple(Stage(**{**s, "sizes": tuple(s["sizes"]), "trains": tuple(s["trains"])}) for s in stored_plan)
+        plan = stages(stored_plan)
     elif args.fit and not (args.export or args.bench or args.count_ops or args.profile):
         rates = probe(cfg, tok, plan, styles, args, device)
         plan = fit_plan(plan, rates, args.fit)
@@ -282,8 +292,10 @@ def main(argv=None) -> int:
         # exporting or timing needs the same model; training on needs the same run too
         same = ("config_sha256", "tokenizer_sha256")
         for key in same if (args.export or args.bench) else (*same, "seed", "plan", "styles", "data"):
-            if key == "plan" and args.plan and replans(stored["plan"], record["plan"], stored["step"]):
-                continue  # a resume may change the steps of stages that have not started
+            if key == "plan":  # compared as Stages: a field added since (with its default) is no change
+                same_plan = stages(stored["plan"]) == stages(record["plan"])
+                if same_plan or (args.plan and replans(stored["plan"], record["plan"], stored["step"])):
+                    continue  # a resume may change the stages that have not started
             if stored.get(key) != record[key]:
                 sys.exit(f"train_mini.py: {args.resume} was trained with another {key}; start afresh or match it")
         record = {"fit": None, **stored, "plan": record["plan"]}

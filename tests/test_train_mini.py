@@ -225,3 +225,32 @@ def test_a_resume_may_replan_only_the_stages_still_to_come(train_mini):
     assert not train_mini.replans(plan, longer_latent, step=101)
     assert not train_mini.replans(plan, longer_vae, step=60)
     assert not train_mini.replans(plan, plan[:2], step=10)
+
+
+def test_reused_samples_are_those_of_the_steps_before_and_a_resume_makes_them_again():
+    """`Stage.reuse`: a step makes 1/reuse of its batch anew and trains on it with the samples of
+    the reuse - 1 steps before it in its side period; a run resumed mid-way sees the same batch."""
+    from stylize.train.mini_steps import Batches, Stage
+
+    rng = np.random.default_rng(0)
+    stills = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(3)]
+    plan = (Stage("latent", 12, 8, 1e-3, ("unet",), sizes=(32, 64), warmup=1, reuse=4, side_every=6),)
+    styles = ["sketch", "pixel-art"]
+    run = Batches(stills, styles, plan, 0, torch.device("cpu"), workers=0, ahead=2)
+    got = [run.get(s, 12) for s in range(12)]
+    for s, (p, x, y) in enumerate(got):
+        period = s - s % 6
+        new = -(-mini_data.batch_for(p.side, 8) // 4)
+        assert p.side == got[period][0].side and x.shape == y.shape == (len(p.styles), 3, p.side, p.side)
+        assert len(p.styles) == new * min(4, s - period + 1)  # fewer just after a side change
+        if s > period:  # the step before's samples, then the new ones
+            before = got[s - 1][1]
+            keep = len(p.styles) - new
+            torch.testing.assert_close(x[:keep], before[-keep:], rtol=0, atol=0)
+    assert {got[0][0].side, got[6][0].side} <= {32, 64}
+    assert len(run.made) <= 4  # only the window is held
+    resumed = Batches(stills, styles, plan, 0, torch.device("cpu"), workers=0, ahead=2)
+    p, x, y = resumed.get(9, 12)
+    assert p.prompts == got[9][0].prompts
+    torch.testing.assert_close(x, got[9][1], rtol=0, atol=0)
+    torch.testing.assert_close(y, got[9][2], rtol=0, atol=0)

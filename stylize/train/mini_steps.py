@@ -39,6 +39,13 @@ class Stage:
     trains: tuple[str, ...]  # of "vae", "decoder", "unet", "text_encoder"
     sizes: tuple[int, ...] = (256, 384, 512)
     warmup: int = 500
+    # Each sample (its crop and its teacher's output) serves `reuse` consecutive steps: a step
+    # makes 1/reuse of its batch anew and takes the rest from the previous reuse - 1 steps, so the
+    # teachers run on 1/reuse of the samples (two thirds of a vae step was the teachers, NOTES
+    # 28). The crop side then holds for `side_every` steps (a batch has one side); the first
+    # reuse - 1 steps after a side change have the smaller batches they have made so far.
+    reuse: int = 1
+    side_every: int = 1
 
 
 SIGMA_ONE_SHARE = 0.75  # latent stage: samples at s = 1 (the K=1 path); the rest uniform in (0, 1]
@@ -184,22 +191,54 @@ class Batches:
         self.workers = mini_data.AnimeWorkers(stills, self.cpu_styles, workers)
         self.stills = [torch.from_numpy(np.array(s)).to(device) for s in stills]  # (H, W, 3) uint8, writable copies
         self.plans: dict[int, mini_data.StepPlan] = {}
+        self.made: dict[int, tuple] = {}  # step -> (plan, x, y) of the samples made at it, while reused
         self.submitted = -1
 
     def plan_of(self, step: int):
+        """The samples made anew at `step` (all of its batch when its stage reuses none)."""
         if step not in self.plans:
-            index, stage, _ = stage_at(self.plan, step)
+            index, stage, local = stage_at(self.plan, step)
+            sizes, batch_256 = stage.sizes, stage.batch_256
+            if stage.side_every > 1:  # one side for the steps of a side period, drawn from its first
+                first = step - local % stage.side_every
+                sizes = (int(np.random.default_rng([self.seed, index, first, 2]).choice(stage.sizes)),)
+            if stage.reuse > 1:
+                side = sizes[0] if len(sizes) == 1 else None
+                new = -(-mini_data.batch_for(side, batch_256) // stage.reuse) if side else None
+                batch_256 = new * (side / 256) ** 2 if new else batch_256 / stage.reuse
             self.plans[step] = mini_data.plan_step(self.seed, index, step, self.stills_hw, self.prompts,
-                                                   stage.batch_256, stage.sizes)  # fmt: skip
+                                                   batch_256, sizes)  # fmt: skip
         return self.plans[step]
+
+    def window(self, step: int) -> range:
+        """The steps whose new samples `step` trains on: itself and up to reuse - 1 before it, in
+        its stage and side period."""
+        _, stage, local = stage_at(self.plan, step)
+        start = max(step - (stage.reuse - 1), step - local % stage.side_every, step - local)
+        return range(start, step + 1)
 
     def get(self, step: int, last: int) -> tuple[mini_data.StepPlan, torch.Tensor, torch.Tensor]:
         if self.cpu_styles:  # queue the CPU-only teacher's samples `ahead` steps early
-            for s in range(max(step, self.submitted + 1), min(last, step + self.ahead + 1)):
+            for s in range(max(self.window(step)[0], self.submitted + 1), min(last, step + self.ahead + 1)):
                 self.workers.submit(s, self.plan_of(s))
                 self.submitted = s
+        window = self.window(step)
+        for s in window:  # a resumed run makes the reused samples of the steps before it again
+            if s not in self.made:
+                self.made[s] = self._make(s)
+        for s in [s for s in self.made if s < window[0]]:
+            del self.made[s]
+            self.plans.pop(s, None)
+        parts = [self.made[s] for s in window]
+        if len(parts) == 1:
+            return parts[0]
+        plans = [p for p, _, _ in parts]
+        plan = mini_data.StepPlan(plans[0].side, sum((p.styles for p in plans), ()), sum((p.prompts for p in plans), ()),
+                                  sum((p.boxes for p in plans), ()), np.concatenate([p.jitter for p in plans]))  # fmt: skip
+        return plan, torch.cat([x for _, x, _ in parts]), torch.cat([y for _, _, y in parts])
+
+    def _make(self, step: int):
         plan = self.plan_of(step)
-        del self.plans[step]
         x = mini_data.gpu_crops(self.stills, plan)
         y = mini_data.targets(self.teachers, plan, x)
         if self.cpu_styles:
