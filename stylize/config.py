@@ -122,6 +122,8 @@ class EngineConfig:
     side_stream: bool = True
     fast_te: bool = True
     fuse_qkv: bool = True  # one projection GEMM per self-attention (optimize.fuse_qkv)
+    fused_norms: bool = True  # RMSNorm as one F.rms_norm call, U-Net and text encoder (optimize.fuse_rms_norms)
+    vae_channels_last: bool = True  # on CUDA, the engine's TAESD in channels_last (no cuDNN layout transposes)
     compile: Literal["auto", "on", "off"] = "auto"
     # batches issued to the GPU and not yet handed back. Each one adds a batch period to every
     # frame's latency; 3 keeps the GPU busy: with 2, the next batch's side-stream work (text

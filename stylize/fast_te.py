@@ -41,8 +41,10 @@ class FastTextEncoder(torch.nn.Module):
     """`forward(frames_bchw)` → (states (B, max_len, hidden), mask (B, max_len)), equal to
     `text_encoder.encode` on the same frames (float in [0, 1], square at `te_image_size`)."""
 
-    def __init__(self, te, te_image_size: int, hidden_states: str = "post_norm", bucket: int = 16):
+    def __init__(self, te, te_image_size: int, hidden_states: str = "post_norm", bucket: int = 16,
+                 fused_norms: bool = False):  # fmt: skip
         super().__init__()
+        self.fused_norms = fused_norms  # the text layers' RMSNorms as one F.rms_norm call each
         self.te = [te]  # a list: read the stock model's weights without registering it as a submodule
         self.hidden_states, self.bucket = hidden_states, bucket
         vision = te.config.vision_config
@@ -156,7 +158,7 @@ class FastTextEncoder(torch.nn.Module):
             if i < len(deepstack):  # DeepStack: vision features added after the first layers
                 h = torch.cat([h[:, :s], h[:, s:e] + deepstack[i].to(h.dtype), h[:, e:]], dim=1)
         if self.hidden_states == "post_norm":
-            h = te.language_model.norm(h)
+            h = self._norm(te.language_model.norm, h)
         kept = self.kept[: h.shape[1]].to(h.dtype)[None, :, None]
         states = F.pad(h * kept, (0, 0, 0, self.max_len - h.shape[1]))  # padding zeroed, fixed length
         return states, self.kept.expand(b, -1)
@@ -188,9 +190,9 @@ class FastTextEncoder(torch.nn.Module):
         keys and values) first. Returns the new hidden states and this call's (k, v)."""
         attn = layer.self_attn
         b, n, _ = h.shape
-        x = layer.input_layernorm(h)
-        q = attn.q_norm(attn.q_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)  # (B, heads, L, d)
-        k = attn.k_norm(attn.k_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)  # (B, kv, L, d)
+        x = self._norm(layer.input_layernorm, h)
+        q = self._norm(attn.q_norm, attn.q_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)  # (B, heads, L, d)
+        k = self._norm(attn.k_norm, attn.k_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)  # (B, kv, L, d)
         v = attn.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
         c, s = cos[:, None], sin[:, None]  # (1, 1, L, d)
         q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
@@ -200,5 +202,12 @@ class FastTextEncoder(torch.nn.Module):
             v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
         o = F.scaled_dot_product_attention(q, _repeat_kv(k, self.groups), _repeat_kv(v, self.groups), attn_mask=mask)
         h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
         return h, kv
+
+    def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        """A Qwen3 RMSNorm: the module itself, or with `fused_norms` one F.rms_norm call with its
+        weight (fp32 inside; the module rounds to the input dtype before the weight)."""
+        if not self.fused_norms or x.dtype != norm.weight.dtype:
+            return norm(x)
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)

@@ -58,10 +58,11 @@ def test_engine_equals_reference(tiny_stack, fast_te):
     assert got.shape == ref.shape and np.array_equal(got, ref)
 
 
+@pytest.mark.parametrize("fused_norms", [False, True])
 @pytest.mark.parametrize("hidden_states", ["post_norm", "pre_norm"])
-def test_fast_text_encoder_equals_stock_call(tiny_stack, hidden_states):
+def test_fast_text_encoder_equals_stock_call(tiny_stack, hidden_states, fused_norms):
     te = tiny_stack.text_encoder
-    fast = FastTextEncoder(te, 64, hidden_states, bucket=16)
+    fast = FastTextEncoder(te, 64, hidden_states, bucket=16, fused_norms=fused_norms)
     for prompt in (OIL, WATER, "x"):
         tokens = tokenize_prompt(tiny_stack.tokenizer, te.config, prompt, 64, 64)
         fast.set_prompt(tokens)

@@ -98,3 +98,29 @@ def test_adapter_keeps_one_share_buffer_per_shape(tiny_stack):
     again = wrapper.mid_share.clone()
     lllite.set_condition(a)
     assert not torch.equal(wrapper.mid_share, again)  # written in place with the new condition
+
+
+def test_fused_rms_norms_are_the_same_function(tiny_stack):
+    """Every diffusers RMSNorm of the engine's U-Net copy becomes one F.rms_norm call (#14: one
+    kernel on CUDA for six); the velocity is unchanged, the stack's own U-Net keeps its modules."""
+    import copy
+
+    from diffusers.models.normalization import RMSNorm
+
+    from stylize.optimize import FusedRMSNorm, fuse_rms_norms
+    from stylize.reference import velocity
+
+    unet = copy.deepcopy(tiny_stack.unet)
+    n = sum(isinstance(m, RMSNorm) for m in unet.modules())
+    assert n and fuse_rms_norms(unet) == n
+    assert not any(isinstance(m, RMSNorm) for m in unet.modules())
+    assert sum(isinstance(m, FusedRMSNorm) for m in unet.modules()) == n
+    assert any(isinstance(m, RMSNorm) for m in tiny_stack.unet.modules())
+    g = torch.Generator().manual_seed(0)
+    x, source = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    states = torch.randn(2, 7, tiny_stack.unet.config.encoder_hid_dim, generator=g)
+    args = (x, source, torch.full((2,), 1000.0), states, torch.ones(2, 7, dtype=torch.long), torch.tensor([[64, 64]] * 2))
+    with torch.no_grad():
+        torch.testing.assert_close(velocity(unet, *args), velocity(tiny_stack.unet, *args), rtol=1e-5, atol=1e-5)
+    # state dicts line up: the adapter and the compile cache see the same parameters
+    assert unet.state_dict().keys() == tiny_stack.unet.state_dict().keys()
