@@ -39,7 +39,7 @@ from stylize.engine import Engine  # noqa: E402
 from stylize.models import load_stack  # noqa: E402
 from stylize.optimize import StreamGraph  # noqa: E402
 
-STEPS = ("text", "vae_encode", "velocity", "vae_decode")
+STEPS = ("text", "vae_encode", "denoise", "vae_decode")
 KINDS = [  # kernel name pattern -> kind (first match)
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|cublas"),

@@ -45,7 +45,6 @@ from .models.text_encoder import encode, encode_text_only
 from .optimize import Steps, compile_steps, graph_steps, optimize
 from .reference import (
     draw_noise,
-    euler,
     flow_sigmas,
     geometry,
     latent_multiple,
@@ -363,8 +362,8 @@ class Engine:
         c = self.constants
         time_ids = c.time_ids(geo.work_hw, b, dtype)
         sigmas = c.sigmas(self.cfg.steps, latent_hw)
-        for (sigma, sigma_next), t in zip(zip(sigmas[:-1], sigmas[1:]), c.timesteps(sigmas, b, dtype)):
-            x = euler(x, self.steps.velocity(x, source, t, states.to(dtype), mask, time_ids), sigma_next - sigma)
+        for t, dt in zip(c.timesteps(sigmas, b, dtype), c.step_sizes(sigmas)):
+            x = self.steps.denoise(x, source, t, states.to(dtype), mask, time_ids, dt)
         return x
 
     @contextlib.contextmanager
@@ -413,6 +412,15 @@ class _Constants:
         key = ("t", tuple(sigmas), b, dtype)
         if key not in self.cache:
             self.cache[key] = [torch.full((b,), s * 1000, dtype=dtype, device=self.stack.device) for s in sigmas[:-1]]
+        return self.cache[key]
+
+    def step_sizes(self, sigmas: list[float]) -> list[torch.Tensor]:
+        """The Euler steps' sizes sigma_next - sigma as 0-d float32 tensors (inputs of the graphed
+        U-Net step; the value is the same float32 a Python scalar would give the kernel)."""
+        key = ("dt", tuple(sigmas))
+        if key not in self.cache:
+            self.cache[key] = [torch.tensor(b - a, dtype=torch.float32, device=self.stack.device)
+                               for a, b in zip(sigmas[:-1], sigmas[1:])]  # fmt: skip
         return self.cache[key]
 
     def time_ids(self, work_hw, b: int, dtype) -> torch.Tensor:

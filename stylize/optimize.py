@@ -54,7 +54,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .config import EngineConfig
-from .reference import vae_decode, vae_encode, velocity
+from .reference import euler, vae_decode, vae_encode, velocity
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,16 @@ def should_compile(mode: str, device: torch.device, frames: int | None, warm: bo
 class Steps:
     """The GPU's work as small callables over plain modules, and the modules they run.
 
-    velocity(x, source, t, states, mask, time_ids) -> v; vae_encode(x01) -> latents;
+    denoise(x, source, t, states, mask, time_ids, dt) -> x + dt v (one Euler step of the U-Net's
+    velocity v; dt a 0-d float32 tensor, so that a CUDA graph of it serves every step size);
+    vae_encode(x01) -> latents;
     vae_decode(latents) -> y01; text(fast_te, frames) -> (states, mask) (the fast text encoder's
     call; the module is an argument so that a CUDA graph of it is keyed by its buffers)."""
 
     unet: torch.nn.Module  # the U-Net the engine runs (its own copy when it was changed)
     lllite: object | None  # the attached TemporalLLLite, or None
     fast_te: object | None  # the FastTextEncoder, or None (stock call or static prompt)
-    velocity: Callable
+    denoise: Callable
     vae_encode: Callable
     vae_decode: Callable
     text: Callable
@@ -190,8 +192,8 @@ def optimize(
     if ecfg.vae_channels_last and stack.device.type == "cuda":  # its own copy: the stack's stays stock
         vae = copy.deepcopy(vae).to(memory_format=torch.channels_last)
 
-    def velocity_step(x, source, t, states, mask, time_ids):
-        return velocity(unet, x, source, t, states, mask, time_ids)
+    def denoise_step(x, source, t, states, mask, time_ids, dt):
+        return euler(x, velocity(unet, x, source, t, states, mask, time_ids), dt)
 
     def vae_encode_step(x01):
         return vae_encode(vae, x01)
@@ -202,7 +204,7 @@ def optimize(
     def text_step(fast_te, frames):
         return fast_te(frames)
 
-    steps = Steps(unet, lllite, fast_te, velocity_step, vae_encode_step, vae_decode_step, text_step)
+    steps = Steps(unet, lllite, fast_te, denoise_step, vae_encode_step, vae_decode_step, text_step)
     # 5. compiled graphs, or CUDA graphs of the eager steps
     if compiled:
         steps = compile_steps(steps, stack.device, ecfg.cuda_graphs, backend, ecfg.side_graphs)
@@ -214,15 +216,14 @@ def optimize(
 def graph_steps(steps: Steps, device: torch.device, side_graphs: bool = True, keep: int = 3) -> Steps:
     """`steps` replayed as CUDA graphs captured from their eager code, nothing compiled: each step
     a `StreamGraph` (the first call of a shape runs eager and warms up, the second captures, later
-    ones copy their inputs in and replay: one launch where the eager U-Net issues hundreds). The
-    Euler update between U-Net calls (engine._denoise) is one elementwise op with a Python scalar,
-    left outside. `keep`: shapes whose graphs (and memory pools) each step keeps, the most recent.
+    ones copy their inputs in and replay: one launch where the eager U-Net issues hundreds); the
+    Euler update is inside the U-Net's graph (`Steps.denoise`, its step size a tensor input). `keep`: shapes whose graphs (and memory pools) each step keeps, the most recent.
     A no-op off CUDA."""
     if device.type != "cuda":
         return steps
     side = (lambda fn: StreamGraph(fn, keep)) if side_graphs else (lambda fn: fn)
     return dataclasses.replace(
-        steps, velocity=StreamGraph(steps.velocity, keep), vae_decode=StreamGraph(steps.vae_decode, keep),
+        steps, denoise=StreamGraph(steps.denoise, keep), vae_decode=StreamGraph(steps.vae_decode, keep),
         vae_encode=side(steps.vae_encode), text=side(steps.text), graphs=True,
     )  # fmt: skip
 
@@ -241,7 +242,7 @@ def compile_steps(steps: Steps, device: torch.device, cuda_graphs: bool = True, 
         return StreamGraph(comp(fn)) if (on_cuda and side_graphs) else comp(fn)
 
     return dataclasses.replace(
-        steps, velocity=comp(steps.velocity, main_mode), vae_decode=comp(steps.vae_decode, main_mode),
+        steps, denoise=comp(steps.denoise, main_mode), vae_decode=comp(steps.vae_decode, main_mode),
         vae_encode=side(steps.vae_encode), text=side(steps.text), compiled=True,
     )  # fmt: skip
 

@@ -411,9 +411,9 @@ def test_failed_clips_do_not_keep_the_ring_slots(tiny_stack, tmp_path):
         calls.append(1)
         if len(calls) % 2 == 0:
             raise RuntimeError("a clip that fails in feed")
-        return steps.velocity(*args)
+        return steps.denoise(*args)
 
-    engine.use(dataclasses.replace(steps, velocity=failing))
+    engine.use(dataclasses.replace(steps, denoise=failing))
     for n in range(2):
         calls.clear()
         with pytest.raises(RuntimeError):

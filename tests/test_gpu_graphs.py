@@ -48,7 +48,7 @@ def test_batches_of_different_frames(cuda_tiny):
     graphs.prepare(frames.shape[1:3])
     prepare_s = time.perf_counter() - t
     close(run(eager, frames), run(graphs, frames))
-    assert graphs.steps.velocity.replays >= 6 and graphs.steps.vae_decode.replays >= 6
+    assert graphs.steps.denoise.replays >= 6 and graphs.steps.vae_decode.replays >= 6
     assert prepare_s < 5  # warm-up + capture of a tiny stack; the full one is timed by bench.py
     for e in (eager, graphs):
         e.close()
@@ -91,6 +91,6 @@ def test_across_shapes_a_b_a(cuda_tiny):
             e.prepare(frames.shape[1:3])
             e.reset()
         close(run(eager, frames, bs=2), run(graphs, frames, bs=2))
-    assert len(graphs.steps.velocity.graphs) == 2  # A's graph was kept and replayed again
+    assert len(graphs.steps.denoise.graphs) == 2  # A's graph was kept and replayed again
     for e in (eager, graphs):
         e.close()
