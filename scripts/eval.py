@@ -7,7 +7,8 @@
 
 Every source is resized to one evaluation size (--size: the long side, cv2.INTER_AREA) and the
 teacher runs per frame on the resized input. Candidates: `teacher`, `input`, `model:PRESET`
-(stylize run in process on the clip), or a video file, or a pattern with {clip} and {style};
+(stylize run in process on the clip), `vae:PRESET` (the teacher's frames through that model's
+VAE and back at its working size: the cap on what the model can reach), or a video file, or a pattern with {clip} and {style};
 `NAME=SPEC` gives one a name. One JSON record per (clip, style, candidate), a median over clips
 per (style, candidate), a markdown table, a sheet per (clip, style). Metrics: stylize/train/metrics.py.
 """
@@ -120,6 +121,26 @@ def run_model(stylizer, clip: Path, limit: int, hw: tuple[int, int]) -> np.ndarr
     return np.concatenate([resize(f, hw, str(clip)) for f in out])
 
 
+def vae_round_trip(stack, frames: np.ndarray, size: int, chunk: int = 8) -> np.ndarray:
+    """The teacher's frames through the stack's VAE and back, at the model's working size (as
+    stylize would run, `reference.geometry`), resized back to the evaluation size: what the model's
+    output can reach at best, its VAE being the last thing it passes (#13's cap row)."""
+    import torch
+
+    from stylize.reference import geometry, latent_multiple, resize as resize_t, vae_decode, vae_encode
+
+    h, w = frames.shape[1:3]
+    work = geometry((h, w), size, latent_multiple(stack.unet)).work_hw
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(frames), chunk):
+            x = torch.from_numpy(frames[i : i + chunk]).to(stack.device).permute(0, 3, 1, 2).float() / 255
+            y = vae_decode(stack.vae, vae_encode(stack.vae, resize_t(x, work).to(stack.dtype)))
+            y = resize_t(y.float().clamp(0, 1), (h, w))
+            out.append((y * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
 class Sources:
     """Teachers and model stacks, each made once and reused over clips."""
 
@@ -141,13 +162,19 @@ class Sources:
                 self.teachers[style] = load_teacher(json.loads(given), self.args.device)
         return self.teachers[style]
 
-    def stylizer(self, preset: str, style: str):
-        from stylize.config import PipelineConfig, model_config, style_config
+    def stack(self, preset: str):
+        from stylize.config import model_config
         from stylize.models import load_stack
-        from stylize.pipeline import build_stylizer
 
         if preset not in self.stacks:
             self.stacks[preset] = load_stack(model_config(preset), self.args.device)
+        return self.stacks[preset]
+
+    def stylizer(self, preset: str, style: str):
+        from stylize.config import PipelineConfig, style_config
+        from stylize.pipeline import build_stylizer
+
+        self.stack(preset)
         if (preset, style) not in self.stylizers:
             prompt, args = style_config(style).prompt, self.args
             cfg = PipelineConfig(prompt=prompt, size=args.size, batch_size=args.batch_size)
@@ -171,6 +198,8 @@ def candidate_frames(spec: str, clip: Path, style: str, frames: np.ndarray, teac
     hw = frames.shape[1:3]
     if spec.startswith("model:"):
         return run_model(sources.stylizer(spec[6:], style), clip, len(frames), hw)
+    if spec.startswith("vae:"):
+        return vae_round_trip(sources.stack(spec[4:]), teacher_frames, sources.args.size)
     path = Path(spec.format(clip=clip_name(clip), style=style))
     if not path.exists():
         sys.exit(f"eval.py: candidate {path}: no such file (from '{spec}')")

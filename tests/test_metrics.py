@@ -134,14 +134,16 @@ def test_eval_script_end_to_end(tmp_path):
     out = tmp_path / "eval.json"
     cmd = [sys.executable, str(REPO / "scripts" / "eval.py"), str(tmp_path / "shift.mp4"), "--style", "oil",
            "--teacher", "identity", "--size", "64", "--candidate", "teacher", "--candidate", "input",
-           "--candidate", f"blur={tmp_path}/{{clip}}_blur.mp4", "--json", str(out),
+           "--candidate", f"blur={tmp_path}/{{clip}}_blur.mp4", "--candidate", "cap=vae:tiny", "--json", str(out),
            "--table", str(tmp_path / "eval.md"), "--sheet", str(tmp_path / "sheet.png")]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert {"command", "date", "git_head", "records", "summary"} <= set(result)
     records = {r["candidate"]: r for r in result["records"]}
-    assert set(records) == {"teacher", "input", "blur"}
+    assert set(records) == {"teacher", "input", "blur", "cap"}
+    # the VAE cap row: the teacher's frames through tiny's (random) VAE and back, scored like any candidate
+    assert records["cap"]["frames"] == 8 and records["cap"]["psnr"] is not None
     assert set(records["blur"]) == {"clip", "style", *metrics.RECORD_FIELDS}
     assert records["blur"]["clip"] == "shift" and records["blur"]["frames"] == 8
     assert records["input"]["psnr"] is None  # the identity teacher is the input
@@ -150,7 +152,7 @@ def test_eval_script_end_to_end(tmp_path):
     from PIL import Image
 
     with Image.open(tmp_path / "sheet.png") as sheet:
-        assert sheet.height == 14 + 8 + 3 * (160 + 4)  # input | teacher | blur, thumbnails 160 px high
+        assert sheet.height == 14 + 8 + 4 * (160 + 4)  # input | teacher | blur | cap, thumbnails 160 px high
 
 
 @pytest.mark.media
