@@ -27,7 +27,7 @@ from .errors import StylizeError
 from .writer import VideoWriter
 
 __all__ = ["OutputConfig", "Progress", "RunStats", "Stylizer", "build_stylizer", "out_of_memory_is_one_line",
-           "stylize_video"]  # fmt: skip
+           "run_job", "stylize_video"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,17 @@ def stylize_video(
         first_output_s=(output.first_output - started) if output.first_output else 0.0,
         probe_s=probed - started, prepare_s=prepared - probed, steady_fps=steady, flush_s=ended - fed,
     )  # fmt: skip
+
+
+def run_job(job, stylizer: Stylizer, out: OutputConfig = OutputConfig(),
+            on_progress: Callable[[Progress], None] | None = None) -> RunStats:  # fmt: skip
+    """One `jobs.Job`: a still (stills.stylize_still) or a clip (stylize_video), as every run
+    drives it (the CLI in one process, each worker of workers.py)."""
+    if job.still:
+        from .stills import stylize_still
+
+        return stylize_still(job.src, job.dst, stylizer, on_progress)
+    return stylize_video(job.src, job.dst, stylizer, out, on_progress)
 
 
 @contextlib.contextmanager
