@@ -1,0 +1,193 @@
+"""`--gpus` (workers.py) on the CPU: `--device cpu --gpus 2` runs two worker processes, the same
+code path as two GPUs. Sharding, skip/-y/exit codes, workers killed mid-clip (retried once, then
+failed), a signal to the parent, and the option's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stylize import video
+from stylize.cli import run_app
+from stylize.config import parse_gpus
+from stylize.errors import UsageError
+from stylize.signals import PAUSE_AT
+from stylize.workers import worker_env
+from tests.conftest import write_clip
+
+FAST = ["--model", "tiny", "--size", "64", "--preset", "ultrafast", "--batch-size", "4", "--device", "cpu"]
+PARTIAL = re.compile(r"^\.(?P<stem>.+)\.partial-[0-9a-f]{6}-(?P<pid>\d+)-[0-9a-f]+\.mp4$")
+
+
+def invoke(*args):
+    return CliRunner().invoke(run_app, [str(a) for a in args], catch_exceptions=False)
+
+
+def partials(folder: Path) -> dict[str, int]:
+    """stem -> pid of the process writing it, for every partial output in `folder`."""
+    found = {}
+    for p in folder.iterdir():
+        m = PARTIAL.match(p.name)
+        if m:
+            found[m["stem"]] = int(m["pid"])
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (killed, not yet reaped) is gone for us
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def wait_for(predicate, timeout=60.0):
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_dir):
+    """One run over a folder of three clips of different lengths, a still and a broken clip."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("sharded")
+    for name, frames in (("short", 6), ("long", 20), ("mid", 12)):
+        write_clip(root / f"{name}.mp4", frames=frames)
+    (root / "broken.mp4").write_bytes(b"not a video" * 10)
+    Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(root / "still.png")
+    r = invoke(root, "--style", "oil", "--json", "--stills", "--gpus", "2", *FAST)
+    return root, r
+
+
+def test_gpus_2_writes_every_output_with_its_worker(sharded):
+    root, r = sharded
+    assert r.exit_code == 1, r.output  # the broken clip failed; the rest went on
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(Path(rec["dst"]).name for rec in records) == ["long_oil.mp4", "mid_oil.mp4", "short_oil.mp4",
+                                                                  "still_oil.png"]  # fmt: skip
+    assert all(rec["gpu"] in (0, 1) and rec["status"] == "ok" for rec in records)
+    ends = [rec["process_s_at_end"] for rec in records]
+    assert ends == sorted(ends)  # printed by the parent as each completes
+    for name, frames in (("short", 6), ("long", 20), ("mid", 12)):
+        assert video.probe(root / f"{name}_oil.mp4").frames == frames
+    assert "broken.mp4" in r.stderr and "4 of 5 inputs done, 1 failed" in r.stderr
+    assert not partials(root)
+
+
+def test_gpus_skips_existing_outputs(sharded):
+    root, _ = sharded
+    done = [root / f"{n}.mp4" for n in ("short", "long", "mid")]
+    r = invoke(*done, "--style", "oil", "--gpus", "2", *FAST)
+    assert r.exit_code == 0 and r.stdout == ""
+    assert "nothing to do: all 3 outputs exist" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("x", "expected all"), ("0", "at least 1"), ("1,1", "given twice"), ("999", "only"), ("999,", "no CPU core 999"),
+     ("all", "--gpus N")],
+)  # fmt: skip
+def test_gpus_errors_are_one_line_usage_errors(clip, spec, message):
+    r = invoke(clip, "--style", "oil", "--gpus", spec, *FAST)
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not clip.with_name("clip_oil.mp4").exists()
+
+
+def test_gpus_selection_and_visible_devices():
+    assert parse_gpus(None) is None
+    assert parse_gpus("all").resolve(3, "cuda") == (0, 1, 2)
+    assert parse_gpus("2").resolve(3, "cuda") == (0, 1)
+    assert parse_gpus("0,2").resolve(3, "cuda") == (0, 2)
+    assert parse_gpus("2,").resolve(3, "cuda") == (2,)
+    with pytest.raises(UsageError, match="no GPU 3"):
+        parse_gpus("0,3").resolve(3, "cuda")
+    with pytest.raises(UsageError, match="only 2 GPUs"):
+        parse_gpus("4").resolve(2, "cuda")
+    # indices count within the parent's CUDA_VISIBLE_DEVICES
+    assert worker_env(1, "cuda", "4,5,6") == "5" and worker_env(2, "cuda", "GPU-a,GPU-b,GPU-c") == "GPU-c"
+    assert worker_env(0, "cpu", "4,5") == ""
+
+
+def test_killed_workers_clip_is_retried_once_then_fails(tmp_path, tiny_dir, monkeypatch):
+    """Two clips, each paused at its first encoded batch (the test hook) and its worker SIGKILLed
+    mid-clip: both are retried on fresh workers; the one killed again fails (exit 1), the other is
+    written whole over the old output (-y), and no partial file is left."""
+    a, b = write_clip(tmp_path / "a.mp4", frames=16), write_clip(tmp_path / "b.mp4", frames=12)
+    old = tmp_path / "a_oil.mp4"
+    old.write_bytes(b"old output")
+    marker = tmp_path / "paused"
+    monkeypatch.setenv(PAUSE_AT, f"encode:{marker}")
+    killed = []
+
+    def both_writing():
+        found = {stem: pid for stem, pid in partials(tmp_path).items() if alive(pid) and pid not in killed}
+        return found if {"a_oil", "b_oil"} <= found.keys() and marker.exists() else None
+
+    def killer():
+        first = wait_for(both_writing)
+        for pid in first.values():  # both mid-clip: each is retried
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        again = wait_for(both_writing)
+        os.kill(again["b_oil"], signal.SIGKILL)  # b's second death: b fails
+        killed.append(again["b_oil"])
+        while not stop.is_set():  # let the rest run: every later pause is released at once
+            marker.unlink(missing_ok=True)
+            time.sleep(0.02)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        r = invoke(a, b, "--style", "oil", "--json", "-y", "--gpus", "2", *FAST)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert len(killed) == 3 and not any(alive(pid) for pid in killed)
+    assert r.exit_code == 1, r.output
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(rec["dst"]).name for rec in records] == ["a_oil.mp4"]
+    assert video.probe(old).frames == 16
+    assert "b.mp4" in r.stderr and "died twice" in r.stderr
+    assert not (tmp_path / "b_oil.mp4").exists()
+    assert not partials(tmp_path)
+
+
+def test_signal_to_the_parent_stops_the_workers_and_removes_partials(tmp_path, tiny_dir):
+    """SIGTERM to the parent while both workers are mid-clip: the workers end, no partial file is
+    left, the outputs that existed are untouched, and the parent dies of the signal."""
+    a, b = write_clip(tmp_path / "a.mp4", frames=16), write_clip(tmp_path / "b.mp4", frames=12)
+    old = tmp_path / "a_oil.mp4"
+    old.write_bytes(b"old output")
+    marker = tmp_path / "paused"
+    env = {**os.environ, PAUSE_AT: f"encode:{marker}"}
+    cmd = [sys.executable, "-m", "stylize", a, b, "--style", "oil", "-y", "--gpus", "2", *FAST]
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        writing = wait_for(lambda: (p := partials(tmp_path)) and len(p) == 2 and marker.exists() and p)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, stderr
+    assert "terminated" in stderr
+    assert not any(alive(pid) for pid in writing.values())
+    assert not partials(tmp_path) and old.read_bytes() == b"old output" and not (tmp_path / "b_oil.mp4").exists()
