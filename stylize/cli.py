@@ -329,8 +329,10 @@ def _visible(device: str) -> int:
 
 
 def _run_workers(jobs, opts, device, gpus, err, as_json, quiet, debug) -> int:
-    """The jobs over one worker process per GPU (workers.py), longest clip first; each result
-    reported as it completes. Returns the failures."""
+    """The jobs over one worker process per GPU (workers.py), longest clip first, a clip split
+    across workers when there are more of them than clips (chunks.py); each result reported as
+    it completes. Returns the failures."""
+    from .chunks import split_tasks
     from .workers import Events, Pool, longest_first
 
     opts = opts.on_device(device)
@@ -344,8 +346,8 @@ def _run_workers(jobs, opts, device, gpus, err, as_json, quiet, debug) -> int:
     with _worker_bars(err, gpus, quiet) as progress:
         events = Events(done=lambda task, stats, extra: report(task.job, stats, extra, as_json, quiet),
                         failed=failed, progress=progress)  # fmt: skip
-        pool = Pool(opts, device, gpus, events, clips, debug)
-        return pool.run(longest_first(jobs, opts.output.fps))
+        tasks, splits = split_tasks(longest_first(jobs, opts.output.fps), len(gpus), opts)
+        return Pool(opts, device, gpus, events, clips, debug, splits).run(tasks)
 
 
 class _worker_bars:
@@ -373,6 +375,8 @@ class _worker_bars:
                 self.bar.update(rows[gpu], description=str(p), completed=0, total=None, fps=0.0)
                 return
             name = task.job.src.name
+            if task.chunk is not None:
+                name += f" [part {task.chunk.index + 1}/{task.chunk.count}]"
             self.bar.update(
                 rows[gpu], completed=p.done, total=p.total, fps=p.done / p.elapsed_s if p.elapsed_s else 0.0,
                 description=f"{name} [{p.status}]" if p.status else name,

@@ -15,6 +15,8 @@ stylizer, fed the run's jobs longest clip first; results come back in completion
   task: the parent removes the partial files the dead process left (`partial.remove_predecessors`)
   and gives the task once more to the next free worker (a fresh process replaces the dead one);
   a second death fails that input, and the others go on.
+- More workers than clips: the longest clips are split into chunks, one task each, and joined by
+  the parent as the last chunk of a clip comes in (chunks.py); a chunk that fails fails its clip.
 - A signal to the parent (SIGINT, SIGTERM, SIGHUP; signals.py): the workers are told to stop
   (SIGTERM: each drops its clip in progress and its partial file, as a one-process run does),
   those still there after STOP_S are killed, the partial files of every task in flight are
@@ -92,8 +94,6 @@ class Events:
     done: Callable[[Task, object, dict], None]  # (task, RunStats, extra: model_load_s, peak_gpu_mem_gib, gpu)
     failed: Callable[[Task, str, str], None]  # (task, one-line message, traceback text)
     progress: Callable[[int, Task | None, object], None] = lambda gpu, task, p: None  # (gpu, task, Progress|str)
-    # a finished chunk, handed to chunks.py's join (part of a split clip), instead of `done`
-    chunk_done: Callable[[Task, object, dict], None] | None = None
 
 
 @dataclass
@@ -117,6 +117,7 @@ class Pool:
     events: Events
     clips: Sequence = ()  # the run's clip paths (build_stylizer's compile decision)
     debug: bool = False
+    splits: object | None = None  # a chunks.Splits: the split clips, joined as their last chunk is in
     workers: list[_Worker] = field(default_factory=list)
     deaths: dict = field(default_factory=dict)  # gpu -> workers of it that died
 
@@ -179,10 +180,16 @@ class Pool:
         elif kind == "done":
             task, w.task = w.task, None
             extra = {"model_load_s": w.load_s, **msg[2], "gpu": w.gpu}
-            if task.chunk is not None and self.events.chunk_done is not None:
-                self.events.chunk_done(task, msg[1], extra)
-            else:
+            if task.chunk is None:
                 self.events.done(task, msg[1], extra)
+                return
+            try:  # a chunk: the clip is joined (here, on the parent) once its last chunk is in
+                joined = self.splits.done(task, msg[1], extra)
+            except Exception as e:  # noqa: BLE001 - that clip fails, the rest go on
+                self._failed(task, _one_line(e), traceback.format_exc())
+                return
+            if joined is not None:
+                self.events.done(task, *joined)
         elif kind == "failed":
             task, w.task = w.task, None
             self._failed(task, msg[1], msg[2])
@@ -215,6 +222,11 @@ class Pool:
         self.events.progress(w.gpu, None, f"worker died ({how})")
 
     def _failed(self, task: Task, message: str, tb: str) -> None:
+        if task.chunk is not None:  # a split clip fails once, whichever of its chunks failed
+            first = self.splits.failed(task)
+            self.pending = deque(t for t in self.pending if t.job != task.job)
+            if not first:
+                return
         self.failures += 1
         self.events.failed(task, message, tb)
 
@@ -255,6 +267,8 @@ class Pool:
                 _remove_partials_of(w.task)
             w.conn.close()
         self.workers.clear()
+        if self.splits is not None:
+            self.splits.discard_all()  # the finished chunks of clips not joined
 
 
 def _again(task: Task) -> Task:
@@ -334,7 +348,7 @@ def _serve(conn, threads: int, opts, device: str, clips: list, debug: bool) -> N
 
 
 def _run_task(conn, task: Task, stylizer, opts, device: str) -> None:
-    from .pipeline import out_of_memory_is_one_line, run_job
+    from .pipeline import out_of_memory_is_one_line, run_job, stylize_video
 
     last = [0.0]
 
@@ -346,10 +360,8 @@ def _run_task(conn, task: Task, stylizer, opts, device: str) -> None:
 
     try:
         with out_of_memory_is_one_line(stylizer.cfg):
-            if task.chunk is not None:
-                from .chunks import run_chunk_task
-
-                stats = run_chunk_task(task, stylizer, opts.output, on_progress)
+            if task.chunk is not None:  # left at a hidden name for the parent's join (chunks.py)
+                stats = stylize_video(task.job.src, task.job.dst, stylizer, opts.output, on_progress, task.chunk)
             else:
                 stats = run_job(task.job, stylizer, opts.output, on_progress)
     except Exception as e:  # noqa: BLE001 - that input fails; the worker goes on with the next
