@@ -118,6 +118,7 @@ class Pool:
     clips: Sequence = ()  # the run's clip paths (build_stylizer's compile decision)
     debug: bool = False
     splits: object | None = None  # a chunks.Splits: the split clips, joined as their last chunk is in
+    target: Callable | None = None  # a worker's life: _worker_main (tests: a stand-in, a module-level function)
     workers: list[_Worker] = field(default_factory=list)
     deaths: dict = field(default_factory=dict)  # gpu -> workers of it that died
 
@@ -131,10 +132,11 @@ class Pool:
             while self.pending or any(w.task is not None for w in self.workers):
                 self._step()
             for w in self.workers:
-                if w.process.is_alive():
+                if w.ready and w.process.is_alive():
                     w.conn.send(None)  # no more work: the worker closes its stylizer and exits
             for w in self.workers:
-                w.process.join(STOP_S)
+                if w.ready:  # one still loading (a dead one's replacement) is stopped below
+                    w.process.join(STOP_S)
         finally:
             self._stop()
         return self.failures
@@ -243,7 +245,7 @@ class Pool:
         parent, child = ctx.Pipe()
         threads = max(1, (os.cpu_count() or 1) // len(self.gpus)) if self.device == "cpu" else 0
         process = ctx.Process(
-            target=_worker_main, name=f"stylize-gpu{gpu}", daemon=True,
+            target=self.target or _worker_main, name=f"stylize-gpu{gpu}", daemon=True,
             args=(child, worker_env(gpu, self.device), threads, self.opts, self.device, list(self.clips), self.debug),
         )  # fmt: skip
         process.start()
