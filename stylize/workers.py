@@ -126,6 +126,7 @@ class Pool:
         """Run every task, in the order given as workers come free; returns how many failed."""
         self.pending = deque(tasks)
         self.failures = 0
+        self.gpus = self.gpus[: max(1, len(tasks))]  # no worker loads a stack it will not use
         try:
             for gpu in self.gpus:
                 self._start(gpu)

@@ -9,8 +9,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -66,7 +64,9 @@ def wait_for(predicate, timeout=60.0):
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, tiny_dir):
-    """One run over a folder of three clips of different lengths, a still and a broken clip."""
+    """One run over a folder of three clips of different lengths, a still and a broken clip, with
+    -y over an old output of the longest; that clip's worker is SIGKILLed mid-clip, paused at its
+    first encoded batch by the test hook (the other pauses are released as they come)."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("sharded")
@@ -74,12 +74,37 @@ def sharded(tmp_path_factory, tiny_dir):
         write_clip(root / f"{name}.mp4", frames=frames)
     (root / "broken.mp4").write_bytes(b"not a video" * 10)
     Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(root / "still.png")
-    r = invoke(root, "--style", "oil", "--json", "--stills", "--gpus", "2", *FAST)
-    return root, r
+    (root / "long_oil.mp4").write_bytes(b"old output")
+    marker = root.parent / f"{root.name}.paused"
+    killed, stop = [], threading.Event()
+
+    def writing_long():
+        pid = partials(root).get("long_oil")
+        return pid if pid is not None and alive(pid) and marker.exists() else None
+
+    def killer():
+        pid = wait_for(writing_long)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        while not stop.is_set():
+            marker.unlink(missing_ok=True)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    old = os.environ.get(PAUSE_AT)
+    os.environ[PAUSE_AT] = f"encode:{marker}"  # the workers inherit it
+    thread.start()
+    try:
+        r = invoke(root, "--style", "oil", "--json", "--stills", "-y", "--gpus", "2", *FAST)
+    finally:
+        stop.set()
+        thread.join(5)
+        os.environ.pop(PAUSE_AT) if old is None else os.environ.update({PAUSE_AT: old})
+    return root, r, killed
 
 
 def test_gpus_2_writes_every_output_with_its_worker(sharded):
-    root, r = sharded
+    root, r, _ = sharded
     assert r.exit_code == 1, r.output  # the broken clip failed; the rest went on
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert sorted(Path(rec["dst"]).name for rec in records) == ["long_oil.mp4", "mid_oil.mp4", "short_oil.mp4",
@@ -93,8 +118,16 @@ def test_gpus_2_writes_every_output_with_its_worker(sharded):
     assert not partials(root)
 
 
+def test_a_worker_killed_mid_clip_has_its_clip_retried(sharded):
+    """The long clip's worker died mid-clip: the clip was run again and written whole over the old
+    output (-y, checked above), and the dead worker's partial file is gone."""
+    root, r, killed = sharded
+    assert len(killed) == 1 and not alive(killed[0])
+    assert video.probe(root / "long_oil.mp4").frames == 20 and not partials(root)
+
+
 def test_gpus_skips_existing_outputs(sharded):
-    root, _ = sharded
+    root, _, _ = sharded
     done = [root / f"{n}.mp4" for n in ("short", "long", "mid")]
     r = invoke(*done, "--style", "oil", "--gpus", "2", *FAST)
     assert r.exit_code == 0 and r.stdout == ""
@@ -125,45 +158,6 @@ def test_gpus_selection_and_visible_devices():
     # indices count within the parent's CUDA_VISIBLE_DEVICES
     assert worker_env(1, "cuda", "4,5,6") == "5" and worker_env(2, "cuda", "GPU-a,GPU-b,GPU-c") == "GPU-c"
     assert worker_env(0, "cpu", "4,5") == ""
-
-
-def test_a_worker_killed_mid_clip_has_its_clip_retried(tmp_path, tiny_dir, monkeypatch):
-    """Two clips, each paused at its first encoded batch (the test hook); a's worker is SIGKILLed
-    mid-clip: a is run again on another worker and written whole over the old output (-y), b
-    too, and no partial file is left."""
-    a, b = write_clip(tmp_path / "a.mp4", frames=16), write_clip(tmp_path / "b.mp4", frames=12)
-    old = tmp_path / "a_oil.mp4"
-    old.write_bytes(b"old output")
-    marker = tmp_path / "paused"
-    monkeypatch.setenv(PAUSE_AT, f"encode:{marker}")
-    killed = []
-
-    def both_writing():
-        found = {stem: pid for stem, pid in partials(tmp_path).items() if alive(pid)}
-        return found if {"a_oil", "b_oil"} <= found.keys() and marker.exists() else None
-
-    def killer():
-        pid = wait_for(both_writing)["a_oil"]
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-        while not stop.is_set():  # let the rest run: every later pause is released at once
-            marker.unlink(missing_ok=True)
-            time.sleep(0.02)
-
-    stop = threading.Event()
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
-        r = invoke(a, b, "--style", "oil", "--json", "-y", "--gpus", "2", *FAST)
-    finally:
-        stop.set()
-        thread.join(5)
-    assert killed and not alive(killed[0])
-    assert r.exit_code == 0, r.output
-    records = [json.loads(line) for line in r.stdout.splitlines()]
-    assert sorted(Path(rec["dst"]).name for rec in records) == ["a_oil.mp4", "b_oil.mp4"]
-    assert video.probe(old).frames == 16 and video.probe(tmp_path / "b_oil.mp4").frames == 12
-    assert not partials(tmp_path)
 
 
 def stand_in_worker(conn, cuda_visible, threads, opts, device, clips, debug):
@@ -198,25 +192,27 @@ def test_a_clip_whose_worker_dies_twice_fails_and_the_rest_go_on(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok1_oil.mp4", "ok2_oil.mp4", "ok3_oil.mp4"]
 
 
-def test_signal_to_the_parent_stops_the_workers_and_removes_partials(tmp_path, tiny_dir):
-    """SIGTERM to the parent while both workers are mid-clip: the workers end, no partial file is
-    left, the outputs that existed are untouched, and the parent dies of the signal."""
+def test_signal_to_the_parent_stops_the_workers_and_removes_partials(tmp_path, tiny_dir, monkeypatch):
+    """SIGTERM to the parent (this process, inside the run's signal handling) while both workers
+    are mid-clip: the workers end, no partial file is left, the output that existed is
+    untouched, and the run reports 128 + 15 (which the console script turns into dying of it)."""
     a, b = write_clip(tmp_path / "a.mp4", frames=16), write_clip(tmp_path / "b.mp4", frames=12)
     old = tmp_path / "a_oil.mp4"
     old.write_bytes(b"old output")
     marker = tmp_path / "paused"
-    env = {**os.environ, PAUSE_AT: f"encode:{marker}"}
-    cmd = [sys.executable, "-m", "stylize", a, b, "--style", "oil", "-y", "--gpus", "2", *FAST]
-    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        writing = wait_for(lambda: (p := partials(tmp_path)) and len(p) == 2 and marker.exists() and p)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=10)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGTERM, stderr
-    assert "terminated" in stderr
-    assert not any(alive(pid) for pid in writing.values())
+    monkeypatch.setenv(PAUSE_AT, f"encode:{marker}")
+    writing = {}
+
+    def terminate():
+        writing.update(wait_for(lambda: (p := partials(tmp_path)) and len(p) == 2 and marker.exists() and p))
+        os.kill(os.getpid(), signal.SIGTERM)  # the run's handler has it: the pool is running
+
+    thread = threading.Thread(target=terminate, daemon=True)
+    thread.start()
+    r = invoke(a, b, "--style", "oil", "-y", "--gpus", "2", *FAST)
+    thread.join(5)
+    assert r.exit_code == 128 + signal.SIGTERM and "terminated" in r.stderr, r.output
+    assert writing and not any(alive(pid) for pid in writing.values())
     assert not partials(tmp_path) and old.read_bytes() == b"old output" and not (tmp_path / "b_oil.mp4").exists()
 
 
