@@ -315,8 +315,12 @@ def report(job, stats, extra: dict, as_json: bool = False, quiet: bool = False) 
         record.update({k: v for k, v in extra.items() if k != "model_load_s"})
         typer.echo(json.dumps(record))
     elif not quiet:
-        line = _result_line(job, stats)
-        typer.echo(line if extra.get("gpu") is None else f"{line} (gpu {extra['gpu']})")
+        line, gpu = _result_line(job, stats), extra.get("gpu")
+        if isinstance(gpu, list):  # a clip split across workers (chunks.py)
+            line += f" (gpus {','.join(map(str, gpu))})"
+        elif gpu is not None:
+            line += f" (gpu {gpu})"
+        typer.echo(line)
 
 
 def _visible(device: str) -> int:
