@@ -236,8 +236,8 @@ def join(info: video.VideoInfo, files: Sequence[Path], dst: Path, audio: bool = 
             if closer is not None:
                 try:
                     closer.close()
-                except Exception:  # noqa: BLE001 - already failing
-                    pass
+                except Exception as error:  # noqa: BLE001 - already failing; the temp file goes below
+                    log.debug("closing after a failure: %s", error)
         tmp.unlink(missing_ok=True)
         raise
 

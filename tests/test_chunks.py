@@ -3,7 +3,6 @@ the stylizer hands to the writer compared with the whole clip's run, and the joi
 
 from __future__ import annotations
 
-import dataclasses
 from fractions import Fraction
 from pathlib import Path
 
@@ -47,9 +46,8 @@ def scenes(n: int, cut: int | None = None, w: int = 64, h: int = 48) -> np.ndarr
 
 
 def adapter_engine(tiny_stack, **ecfg):
-    from tests.test_lllite import _randomise
-
     from stylize.engine import Engine
+    from tests.test_lllite import _randomise
 
     cfg = PipelineConfig(prompt=OIL, size=64, batch_size=B, fixed_noise=False)
     engine = Engine(tiny_stack, cfg, EngineConfig(adapter="random", adapter_refresh_every=2, **ecfg))

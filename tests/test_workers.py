@@ -121,7 +121,7 @@ def test_gpus_2_writes_every_output_with_its_worker(sharded):
 def test_a_worker_killed_mid_clip_has_its_clip_retried(sharded):
     """The long clip's worker died mid-clip: the clip was run again and written whole over the old
     output (-y, checked above), and the dead worker's partial file is gone."""
-    root, r, killed = sharded
+    root, _, killed = sharded
     assert len(killed) == 1 and not alive(killed[0])
     assert video.probe(root / "long_oil.mp4").frames == 20 and not partials(root)
 
@@ -219,9 +219,9 @@ def test_signal_to_the_parent_stops_the_workers_and_removes_partials(tmp_path, t
 def test_one_long_clip_is_split_across_the_workers_and_joined(tmp_path, tiny_dir):
     """More workers than clips: the clip runs as two chunks, one per worker, joined into one file
     with the source's frames, timestamps and audio; one record, naming both chunks' workers."""
-    from tests.clips import audio_packets, make_clip
-
     import av
+
+    from tests.clips import audio_packets, make_clip
 
     src = make_clip(tmp_path / "long.mp4", pts=[i * 40 for i in range(64)], audio_codec="aac")
     r = invoke(src, "--style", "oil", "--json", "--gpus", "2", "--adapter-every", "2", *FAST)
@@ -230,6 +230,8 @@ def test_one_long_clip_is_split_across_the_workers_and_joined(tmp_path, tiny_dir
     assert record["chunks"] == 2 and len(record["gpu"]) == 2 and record["frames"] == 64
     dst = tmp_path / "long_oil.mp4"
     with av.open(str(dst)) as out, av.open(str(src)) as source:
-        assert [f.pts * f.time_base for f in out.decode(video=0)] == [f.pts * f.time_base for f in source.decode(video=0)]
+        assert [f.pts * f.time_base for f in out.decode(video=0)] == [
+            f.pts * f.time_base for f in source.decode(video=0)
+        ]
     assert audio_packets(dst) == audio_packets(src)
     assert not partials(tmp_path) and sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "long_oil.mp4"]
