@@ -153,3 +153,41 @@ def test_join_refuses_chunks_encoded_differently_and_leaves_nothing(tiny_stack, 
     with pytest.raises(OutputError, match="different parameters"):
         join(info, files, dst)
     assert not dst.exists() and set(partials_of(dst)) == set(files)
+
+
+def test_splits_own_finished_chunks_and_remove_them_when_the_clip_fails(tmp_path):
+    """A finished chunk becomes the parent's partial file (a dead worker's are removed by others,
+    not it); a failed chunk fails its clip once and removes the clip's finished chunks; the rest
+    go when the run stops."""
+    import os
+    from types import SimpleNamespace
+
+    from stylize.chunks import Splits
+    from stylize.jobs import Job
+    from stylize.partial import run_id
+
+    job = Job(tmp_path / "a.mp4", tmp_path / "a_oil.mp4")
+    splits = Splits()
+    splits.add(job, None, 3)
+    worker_file = tmp_path / ".a_oil.partial-abcdef-999999-1a2b3c.mp4"  # as a worker names it
+    worker_file.write_bytes(b"chunk 0")
+    task = SimpleNamespace(job=job, chunk=SimpleNamespace(index=0))
+    assert splits.done(task, SimpleNamespace(dst=str(worker_file)), {}) is None  # 1 of 3
+    (mine,) = partials_of(job.dst)
+    assert run_id() in mine.name and mine.read_bytes() == b"chunk 0"
+    assert splits.failed(task) and not splits.failed(task)  # the clip fails once
+    assert not partials_of(job.dst)
+    late = tmp_path / ".a_oil.partial-abcdef-999998-4d5e6f.mp4"
+    late.write_bytes(b"chunk 1")
+    assert (
+        splits.done(SimpleNamespace(job=job, chunk=SimpleNamespace(index=1)), SimpleNamespace(dst=str(late)), {})
+        is None
+    )
+    assert not partials_of(job.dst) and not os.listdir(tmp_path)
+    other = Job(tmp_path / "b.mp4", tmp_path / "b_oil.mp4")
+    splits.add(other, None, 2)
+    (tmp_path / ".b_oil.partial-abcdef-999997-0a0b0c.mp4").write_bytes(b"chunk 0")
+    splits.done(SimpleNamespace(job=other, chunk=SimpleNamespace(index=0)),
+                SimpleNamespace(dst=str(tmp_path / ".b_oil.partial-abcdef-999997-0a0b0c.mp4")), {})  # fmt: skip
+    splits.discard_all()  # a signal, or the run's end: nothing of ours stays
+    assert not os.listdir(tmp_path)
