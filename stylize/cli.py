@@ -163,7 +163,7 @@ def run(
         "--gpus",
         metavar="all|N|0,2",
         help="GPUs of this host, one worker process each (indices within CUDA_VISIBLE_DEVICES; one index as 3,); "
-        "a clip longer than the rest is split across them. With --device cpu, N CPU worker processes "
+        "with more GPUs than clips, long clips are split across them. With --device cpu, N CPU worker processes "
         "(cores // N torch threads each: the wiring without GPUs). Default: one GPU, in this process.",
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON record per output on stdout."),

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from . import partial, signals
+from .errors import StylizeError
 from .jobs import Job
 
 log = logging.getLogger(__name__)
@@ -164,13 +165,16 @@ class Pool:
                 self._ended(w)
 
     def _read(self, w: _Worker) -> None:
-        try:
-            while w.open and w.conn.poll():
-                self._handle(w, w.conn.recv())
-        except (EOFError, OSError, ValueError, TypeError, AttributeError, ImportError) as e:
-            # its end, or a message cut short by its death (a pickle that does not load)
-            log.debug("worker %s: %s", w.gpu, e)
-            w.open = False
+        while w.open:
+            try:
+                if not w.conn.poll():
+                    return
+                msg = w.conn.recv()
+            except Exception as e:  # noqa: BLE001 - its end (EOFError), or a message cut short by its death
+                log.debug("worker %s: %s", w.gpu, e)
+                w.open = False
+                return
+            self._handle(w, msg)  # what it raises (stdout closed, a stack that did not load) ends the run
 
     def _handle(self, w: _Worker, msg: tuple) -> None:
         kind = msg[0]
@@ -197,8 +201,6 @@ class Pool:
             task, w.task = w.task, None
             self._failed(task, msg[1], msg[2])
         elif kind == "broken":  # the stack did not load: every worker would fail the same way
-            from .errors import StylizeError
-
             raise StylizeError(msg[1])
 
     def _ended(self, w: _Worker) -> None:
