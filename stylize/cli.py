@@ -158,6 +158,14 @@ def run(
     crf: int = typer.Option(18, "--crf", help="H.264 quality (0-51, lower is better)."),
     preset: str = typer.Option("medium", "--preset", help="x264 speed preset (ultrafast ... placebo)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    gpus: Optional[str] = typer.Option(
+        None,
+        "--gpus",
+        metavar="all|N|0,2",
+        help="GPUs of this host, one worker process each (indices within CUDA_VISIBLE_DEVICES; one index as 3,); "
+        "with more GPUs than clips, long clips are split across them. With --device cpu, N CPU worker processes "
+        "(cores // N torch threads each: the wiring without GPUs). Default: one GPU, in this process.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON record per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library logs."),
@@ -195,10 +203,10 @@ def _run_reported(options: dict, debug: bool) -> None:
 
 def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, compile, te_every, te_batch_one,
          static_prompt, adapter, adapter_hooks, adapter_every, yes, no_audio, recursive, stills, fps, crf, preset, seed,
-         as_json, quiet, debug) -> None:  # fmt: skip
+         gpus, as_json, quiet, debug) -> None:  # fmt: skip
     import dataclasses
 
-    from .config import run_options
+    from .config import parse_gpus, run_options
     from .jobs import plan_jobs
 
     err = _console(quiet)
@@ -209,6 +217,7 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
         adapter=adapter, adapter_hooks=adapter_hooks, adapter_every=adapter_every, crf=crf, preset=preset,
         audio=not no_audio, fps=fps,
     )  # fmt: skip
+    selection = parse_gpus(gpus)
     jobs = plan_jobs(inputs, opts.tag, output, recursive, stills)
     for notice in opts.notices:
         err.print(f"note: {notice}")
@@ -223,7 +232,12 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
     if todo:
         if all(job.still for job in todo):  # one frame each: padding it to a batch of 8 is 8x the work
             opts = dataclasses.replace(opts, pipeline=dataclasses.replace(opts.pipeline, batch_size=1))
-        failed = _run_jobs(todo, opts, _pick_device(device), err, as_json, quiet, debug)
+        picked = _pick_device(device)
+        workers = selection.resolve(_visible(picked), picked) if selection is not None else (0,)
+        if workers == (0,):  # one GPU (or the CPU) in this process: no workers at all
+            failed = _run_jobs(todo, opts, picked, err, as_json, quiet, debug)
+        else:
+            failed = _run_workers(todo, opts, picked, workers, err, as_json, quiet, debug)
     summary = _summary(jobs, todo, failed)
     if summary:
         err.print(summary)
@@ -253,8 +267,7 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
 
     use_persistent_compile_cache()  # before torch is imported
     from .models import load_stack
-    from .pipeline import build_stylizer, out_of_memory_is_one_line, stylize_video
-    from .stills import stylize_still
+    from .pipeline import build_stylizer, out_of_memory_is_one_line, run_job
 
     _quiet_libraries(debug)
     opts = opts.on_device(device)
@@ -274,28 +287,111 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
         for job in jobs:
             try:
                 with _progress(err, job.src.name, quiet) as on_progress, out_of_memory_is_one_line(stylizer.cfg):
-                    if job.still:
-                        stats = stylize_still(job.src, job.dst, stylizer, on_progress)
-                    else:
-                        stats = stylize_video(job.src, job.dst, stylizer, opts.output, on_progress)
+                    stats = run_job(job, stylizer, opts.output, on_progress)
             except Exception as e:  # keep going past a bad clip; the summary and exit code say so
                 failed += 1
                 _report_error(err, e, job.src, debug)
                 continue
-            if as_json:
-                since_start = time.perf_counter() - STARTED  # what a user waits: start-up, load, compile
-                record = {**stats.as_dict(), "kind": "still" if job.still else "clip", "status": "ok"}
-                record.update(model_load_s=load_s, process_s_at_end=round(since_start, 2))
-                if device == "cuda":  # the run's peak so far: a folder's grows with the shapes it met
-                    import torch
+            extra = {"model_load_s": load_s}
+            if device == "cuda":  # the run's peak so far: a folder's grows with the shapes it met
+                import torch
 
-                    record["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                typer.echo(json.dumps(record))
-            elif not quiet:
-                typer.echo(_result_line(job, stats))
+                extra["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            report(job, stats, extra, as_json, quiet)
     finally:
         stylizer.close()
     return failed
+
+
+def report(job, stats, extra: dict, as_json: bool = False, quiet: bool = False) -> None:
+    """One finished output on stdout, however it was run (this process, a worker of workers.py, a
+    cluster): its --json record (RunStats, kind, status, then `extra`: model_load_s,
+    peak_gpu_mem_gib, gpu, ...; process_s_at_end added here) or its result line (`gpu` appended
+    where there is one); nothing when quiet."""
+    if as_json:
+        since_start = time.perf_counter() - STARTED  # what a user waits: start-up, load, compile
+        record = {**stats.as_dict(), "kind": "still" if job.still else "clip", "status": "ok"}
+        record.update(model_load_s=extra.get("model_load_s"), process_s_at_end=round(since_start, 2))
+        record.update({k: v for k, v in extra.items() if k != "model_load_s"})
+        typer.echo(json.dumps(record))
+    elif not quiet:
+        line, gpu = _result_line(job, stats), extra.get("gpu")
+        if isinstance(gpu, list):  # a clip split across workers (chunks.py)
+            line += f" (gpus {','.join(map(str, gpu))})"
+        elif gpu is not None:
+            line += f" (gpu {gpu})"
+        typer.echo(line)
+
+
+def _visible(device: str) -> int:
+    """How many devices `--gpus` chooses among: CUDA's visible GPUs, or the CPU's cores."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+def _run_workers(jobs, opts, device, gpus, err, as_json, quiet, debug) -> int:
+    """The jobs over one worker process per GPU (workers.py), longest clip first, a clip split
+    across workers when there are more of them than clips (chunks.py); each result reported as
+    it completes. Returns the failures."""
+    from .chunks import split_tasks
+    from .workers import Events, Pool, longest_first
+
+    opts = opts.on_device(device)
+    clips = [job.src for job in jobs if not job.still]
+
+    def failed(task, message, tb):
+        _report_error(err, StylizeError(message), task.job.src)
+        if debug and tb:
+            err.print(tb, markup=False, highlight=False)
+
+    with _worker_bars(err, gpus, quiet) as progress:
+        events = Events(done=lambda task, stats, extra: report(task.job, stats, extra, as_json, quiet),
+                        failed=failed, progress=progress)  # fmt: skip
+        tasks, splits = split_tasks(longest_first(jobs, opts.output.fps), len(gpus), opts)
+        return Pool(opts, device, gpus, events, clips, debug, splits).run(tasks)
+
+
+class _worker_bars:
+    """One rich progress bar per worker on stderr (its clip, frames, fps); a no-op when quiet or
+    off a terminal, as `_progress`."""
+
+    def __init__(self, console, gpus, quiet: bool):
+        self.console, self.gpus, self.quiet = console, gpus, quiet
+
+    def __enter__(self):
+        self.shown = not self.quiet and self.console.is_interactive
+        if not self.shown:
+            return lambda gpu, task, p: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.bar = Progress(
+            TextColumn("gpu {task.fields[gpu]}"), TextColumn("{task.description}"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("{task.fields[fps]:.1f} fps"), console=self.console, transient=True,
+        )  # fmt: skip
+        rows = {gpu: self.bar.add_task("loading", total=None, gpu=gpu, fps=0.0) for gpu in self.gpus}
+        self.bar.start()
+
+        def update(gpu, task, p):
+            if task is None or isinstance(p, str):  # a worker's state: ready, died
+                self.bar.update(rows[gpu], description=str(p), completed=0, total=None, fps=0.0)
+                return
+            name = task.job.src.name
+            if task.chunk is not None:
+                name += f" [part {task.chunk.index + 1}/{task.chunk.count}]"
+            self.bar.update(
+                rows[gpu], completed=p.done, total=p.total, fps=p.done / p.elapsed_s if p.elapsed_s else 0.0,
+                description=f"{name} [{p.status}]" if p.status else name,
+            )  # fmt: skip
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.shown:
+            self.bar.stop()
+        return False
 
 
 def _result_line(job, stats) -> str:

@@ -461,3 +461,50 @@ def prompt_slug(prompt: str, max_len: int = 32) -> str:
     """A short file-name-safe slug of a free-text prompt ("Make it a charcoal sketch!" -> "make-it-a-charcoal-sketch")."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
     return slug[:max_len].rstrip("-") or "prompt"
+
+
+@dataclass(frozen=True)
+class GpuSelection:
+    """`--gpus` as given, checked for syntax only (the visible count is known once the device is,
+    `resolve`): "all", a count N (the first N), or indices ("0,2"; a single index as "3,")."""
+
+    spec: str
+    count: int | None = None  # N
+    indices: tuple[int, ...] = ()  # given indices, relative to CUDA_VISIBLE_DEVICES
+
+    def resolve(self, visible: int, device: str) -> tuple[int, ...]:
+        """The worker indices (as the user gave them) among `visible` devices: GPUs on CUDA, CPU
+        cores on the CPU (where each index is one CPU worker process). UsageError when they are
+        not there."""
+        what = "GPU" if device == "cuda" else "CPU core"
+        if self.spec == "all":
+            if device != "cuda":
+                raise UsageError("--gpus all: no GPU is used on the CPU; give --gpus N for N CPU worker processes")
+            return tuple(range(visible))
+        if self.count is not None:
+            if self.count > visible:
+                raise UsageError(f"--gpus {self.spec}: only {visible} {what}{'s' if visible != 1 else ''} "
+                                 f"visible; give at most {visible}")  # fmt: skip
+            return tuple(range(self.count))
+        unknown = [i for i in self.indices if i >= visible]
+        if unknown:
+            raise UsageError(f"--gpus {self.spec}: no {what} {unknown[0]}; the visible ones are 0-{visible - 1}"
+                             + (" (indices count within CUDA_VISIBLE_DEVICES)" if device == "cuda" else ""))
+        return self.indices
+
+
+def parse_gpus(spec: str | None) -> GpuSelection | None:
+    """`--gpus all|N|0,2` checked for syntax (UsageError); None when not given (one GPU, in process)."""
+    if spec is None:
+        return None
+    text = spec.replace(" ", "")
+    if text == "all":
+        return GpuSelection("all")
+    if re.fullmatch(r"\d+", text) and int(text) >= 1:
+        return GpuSelection(text, count=int(text))
+    if not re.fullmatch(r"\d+(,\d+)*,?", text) or "," not in text:
+        raise UsageError(f"--gpus {spec}: expected all, a count of at least 1 (2) or indices (0,2; one index as 3,)")
+    indices = tuple(int(p) for p in text.split(",") if p)
+    if len(set(indices)) != len(indices):
+        raise UsageError(f"--gpus {spec}: an index is given twice")
+    return GpuSelection(text, indices=indices)

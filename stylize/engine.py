@@ -84,6 +84,7 @@ class _Clip:
     states: torch.Tensor | None = None  # the text encoder's last output, reused between refreshes
     mask: torch.Tensor | None = None
     fed: int = 0  # batches fed
+    frame: int = 0  # the clip's index of the next frame (its noise: reference.draw_noise)
 
 
 class Engine:
@@ -176,20 +177,24 @@ class Engine:
 
     # -- per-clip and per-prompt state ------------------------------------------------------------
 
-    def reset(self, sink: Callable | None = None) -> None:
+    def reset(self, sink: Callable | None = None, first_frame: int = 0) -> None:
         """A new clip: the schedules restart, the noise is redrawn from the seed, and anything still
         in flight from the last clip is dropped. With a `sink`, each finished FrameBatch goes to
         `sink(batch)`, in order, from the hand-back thread as soon as its GPU work is done (no
         waiting for the next `feed`: a live source would feel that as a batch of latency), and
-        `feed`/`flush` return []."""
+        `feed`/`flush` return []. `first_frame`: the clip's index of the first frame to come, a
+        multiple of the batch size (a chunk of a split clip, chunks.py): the schedules' grid and
+        the noise are the whole clip's from there."""
+        assert first_frame % self.cfg.batch_size == 0, "a chunk starts on a batch boundary"
+        start = first_frame // self.cfg.batch_size
         self._drain()
         self.ready.clear()
         self.ring.new_clip()  # the last clip's decoder may have left with slots (a failed clip)
         self.sink = sink
-        te = RefreshSchedule(self.ecfg.te_refresh_every)
-        self.clip = _Clip(torch.Generator(self.device).manual_seed(self.cfg.seed), te)
+        te = RefreshSchedule(self.ecfg.te_refresh_every, start)
+        self.clip = _Clip(torch.Generator(self.device), te, frame=first_frame)
         if self.temporal is not None:
-            self.temporal.reset()
+            self.temporal.reset(start)
 
     def set_prompt(self, prompt: str) -> None:
         """Change the instruction; the next batch refreshes the text encoder."""
@@ -358,7 +363,9 @@ class Engine:
     def _denoise(self, source, states, mask, geo) -> torch.Tensor:
         b, dtype = source.shape[0], self.stack.dtype
         latent_hw = tuple(source.shape[-2:])
-        x = draw_noise(self.clip.generator, self.clip.noise, self.cfg.fixed_noise, b, self.stack, latent_hw)
+        clip, cfg = self.clip, self.cfg
+        x = draw_noise(clip.generator, clip.noise, cfg.fixed_noise, cfg.seed, clip.frame, b, self.stack, latent_hw)
+        clip.frame += b
         c = self.constants
         time_ids = c.time_ids(geo.work_hw, b, dtype)
         sigmas = c.sigmas(self.cfg.steps, latent_hw)

@@ -27,7 +27,7 @@ from .errors import StylizeError
 from .writer import VideoWriter
 
 __all__ = ["OutputConfig", "Progress", "RunStats", "Stylizer", "build_stylizer", "out_of_memory_is_one_line",
-           "stylize_video"]  # fmt: skip
+           "run_job", "stylize_video"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Stylizer(Protocol):
 
     def prepare(self, in_hw: tuple[int, int], status: Callable[[str], None] | None = None) -> None: ...
 
-    def reset(self, sink: Callable[[video.FrameBatch], None] | None = None) -> None: ...
+    def reset(self, sink: Callable[[video.FrameBatch], None] | None = None, first_frame: int = 0) -> None: ...
 
     def feed(self, batch: video.FrameBatch) -> list[video.FrameBatch]: ...
 
@@ -168,10 +168,15 @@ def stylize_video(
     stylizer: Stylizer,
     out: OutputConfig = OutputConfig(),
     on_progress: Callable[[Progress], None] | None = None,
+    chunk=None,
 ) -> RunStats:
     """Stylize the clip at `src` (a video file or a numbered-image folder) into `dst` (.mp4),
     keeping its timestamps, display size and orientation, and audio. `dst` appears only once
-    complete; on any error or interrupt it is left as it was."""
+    complete; on any error or interrupt it is left as it was.
+
+    `chunk` (a chunks.Chunk): only that part of the clip, without audio: its frames from
+    `chunk.feed_from` are fed, those before `chunk.start` are not written, and the complete file
+    is left at a hidden name beside `dst` (the stats' dst) for chunks.join."""
     started = time.perf_counter()
     info = video.probe(src, out.fps)
     probed = time.perf_counter()
@@ -181,11 +186,17 @@ def stylize_video(
     status = (lambda s: on_progress(Progress(0, info.frames, 0.0, s))) if on_progress else None
     stylizer.prepare(in_hw, status)  # one-time per frame size (compile), before any frame is decoded
     prepared = time.perf_counter()
-    with VideoWriter(dst, target, crf=out.crf, preset=out.preset, audio=out.audio) as writer:
-        output = _Output(writer, info.frames, on_progress)
-        stylizer.reset(sink=output)
+    total = info.frames if chunk is None else chunk.stop - chunk.start
+    part = {} if chunk is None else {"audio": False, "keep": True, "first_pts": chunk.first_pts}
+    with VideoWriter(dst, target, crf=out.crf, preset=out.preset, **{"audio": out.audio, **part}) as writer:
+        output = _Output(writer, total, on_progress)
+        if chunk is None:
+            stylizer.reset(sink=output)
+        else:
+            stylizer.reset(sink=chunk.written(output), first_frame=chunk.feed_from)
         try:
-            batches = video.read_batches(info, stylizer.cfg.batch_size, realtime=out.realtime, ring=stylizer.ring)
+            batches = video.read_batches(info, stylizer.cfg.batch_size, realtime=out.realtime, ring=stylizer.ring,
+                                         span=None if chunk is None else chunk.span)  # fmt: skip
             for batch in batches:
                 output.first_decoded = output.first_decoded or batch.decoded_at[0]
                 stylizer.feed(batch)
@@ -202,11 +213,22 @@ def stylize_video(
     seconds = time.perf_counter() - first if first else 0.0
     p50, p95 = percentiles_ms(output.latencies)
     return RunStats(
-        src=str(src), dst=str(dst), frames=output.done, seconds=seconds, fps=output.done / seconds if seconds else 0.0,
+        src=str(src), dst=str(dst if chunk is None else writer.tmp), frames=output.done, seconds=seconds, fps=output.done / seconds if seconds else 0.0,
         latency_p50_ms=p50, latency_p95_ms=p95, width=out_w, height=out_h,
         first_output_s=(output.first_output - started) if output.first_output else 0.0,
         probe_s=probed - started, prepare_s=prepared - probed, steady_fps=steady, flush_s=ended - fed,
     )  # fmt: skip
+
+
+def run_job(job, stylizer: Stylizer, out: OutputConfig = OutputConfig(),
+            on_progress: Callable[[Progress], None] | None = None) -> RunStats:  # fmt: skip
+    """One `jobs.Job`: a still (stills.stylize_still) or a clip (stylize_video), as every run
+    drives it (the CLI in one process, each worker of workers.py)."""
+    if job.still:
+        from .stills import stylize_still
+
+        return stylize_still(job.src, job.dst, stylizer, on_progress)
+    return stylize_video(job.src, job.dst, stylizer, out, on_progress)
 
 
 @contextlib.contextmanager

@@ -130,14 +130,30 @@ def euler(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
     return (x.float() + dt * v.float()).to(x.dtype)
 
 
-def draw_noise(generator, cache: dict, fixed: bool, b: int, stack, latent_hw) -> torch.Tensor:
-    """x_T: (B, 4, h, w) from the clip's seeded generator. Fixed noise draws one pattern per clip
-    (per latent size, kept in `cache`) and repeats it on every frame."""
-    shape = (1 if fixed else b, stack.unet.config.in_channels, *latent_hw)
-    if not fixed:
+FRAME_SEED_STRIDE = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, odd: distinct in the low 32 bits too
+
+
+def frame_seed(seed: int, index: int) -> int:
+    """The seed of frame `index`'s noise: frame 0 draws what the stock pipeline draws for `seed`;
+    the stride keeps frames apart in the 32 bits a CPU generator (mt19937) reads."""
+    return (seed + index * FRAME_SEED_STRIDE) % 2**64
+
+
+def draw_noise(generator, cache: dict, fixed: bool, seed: int, first: int, b: int, stack, latent_hw) -> torch.Tensor:
+    """x_T: (B, 4, h, w) for frames first .. first+B-1 of a clip. Each frame's noise is drawn from
+    its own seed (`frame_seed(seed, index)`, `generator` re-seeded), so it depends only on the seed
+    and the frame's index: a chunk of a split clip (chunks.py) draws what the whole clip's run
+    draws. Fixed noise repeats frame 0's pattern on every frame (kept in `cache` per latent size)."""
+    shape = (1, stack.unet.config.in_channels, *latent_hw)
+
+    def frame(index: int) -> torch.Tensor:
+        generator.manual_seed(frame_seed(seed, index))
         return torch.randn(shape, generator=generator, device=stack.device, dtype=stack.dtype)
+
+    if not fixed:
+        return torch.cat([frame(first + j) for j in range(b)])
     if latent_hw not in cache:
-        cache[latent_hw] = torch.randn(shape, generator=generator, device=stack.device, dtype=stack.dtype)
+        cache[latent_hw] = frame(0)
     return cache[latent_hw].expand(b, -1, -1, -1)
 
 
@@ -153,11 +169,13 @@ class ReferenceStylizer:
         self.ring = None  # frames come as they are; a short batch is padded here
         self.reset()
 
-    def reset(self, sink=None) -> None:
+    def reset(self, sink=None, first_frame: int = 0) -> None:
         """Start a new clip: the same seed gives the same noise. With a `sink`, each stylized
-        FrameBatch goes to `sink(batch)` and `feed` returns nothing."""
-        self.generator = torch.Generator(self.stack.device).manual_seed(self.cfg.seed)
+        FrameBatch goes to `sink(batch)` and `feed` returns nothing. `first_frame`: the clip's
+        index of the first frame to come (a chunk of a split clip starts later), for its noise."""
+        self.generator = torch.Generator(self.stack.device)
         self.noise_cache: dict = {}
+        self.frame = first_frame  # the clip's index of the next frame stylized
         self.sink = sink
 
     def prepare(self, in_hw: tuple[int, int], status=None) -> None:
@@ -169,7 +187,11 @@ class ReferenceStylizer:
     # -- the per-frame math ------------------------------------------------------------------
 
     def noise(self, b: int, latent_hw: tuple[int, int]) -> torch.Tensor:
-        return draw_noise(self.generator, self.noise_cache, self.cfg.fixed_noise, b, self.stack, latent_hw)
+        """The next `b` frames' noise (B, 4, h, w)."""
+        cfg = self.cfg
+        x = draw_noise(self.generator, self.noise_cache, cfg.fixed_noise, cfg.seed, self.frame, b, self.stack, latent_hw)
+        self.frame += b
+        return x
 
     @torch.no_grad()
     def stylize_tensor(self, x01_bchw: torch.Tensor) -> torch.Tensor:

@@ -25,23 +25,28 @@ def scene_cut(prev_thumb: np.ndarray | None, cur_thumb: np.ndarray, threshold: f
 
 
 class RefreshSchedule:
-    """Refresh on a clip's first batch, after `restart()` (a new prompt), at a scene cut, and
-    every `period` batches; reuse in between."""
+    """Refresh on a clip's first batch, after `restart()` (a new prompt), at a scene cut, and on
+    every batch whose index in the clip is a multiple of `period`; reuse in between. The periodic
+    refreshes stay on that grid whatever the cuts did (a cut adds a refresh, it does not move the
+    grid), so a chunk of a split clip that starts at batch `start` (chunks.py) refreshes where the
+    whole clip's run would, without seeing the cuts before it."""
 
-    def __init__(self, period: int):
+    def __init__(self, period: int, start: int = 0):
         self.period = period
-        self.since: int | None = None  # batches since the last refresh; None: the next one refreshes
+        self.index = start  # the clip's index of the next batch
+        self.fresh = True  # the next batch refreshes: the clip's (or chunk's) first, or after restart
 
     def restart(self) -> None:
-        self.since = None
+        self.fresh = True
 
     def step(self, cut: bool) -> bool:
         """Advance one batch: True when this batch refreshes."""
-        due = self.since is None or cut or self.since + 1 >= self.period
-        self.since = 0 if due else self.since + 1
+        due = self.fresh or cut or self.index % self.period == 0
+        self.fresh = False
+        self.index += 1
         return due
 
     @property
     def next_is_periodic(self) -> bool:
         """The next batch refreshes by the period (a cut aside); asks, changes nothing."""
-        return self.since is not None and self.since + 1 >= self.period
+        return not self.fresh and self.index % self.period == 0

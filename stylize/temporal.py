@@ -50,8 +50,9 @@ class TemporalConditioner:
         self.flow_wait_ms: list[float] = []  # of which the feeding thread waited (the rest overlapped)
         self.reset()
 
-    def reset(self) -> None:
-        self.schedule = RefreshSchedule(self.ecfg.adapter_refresh_every)
+    def reset(self, start: int = 0) -> None:
+        """A new clip, or a chunk of one that starts at batch `start` (its refresh grid)."""
+        self.schedule = RefreshSchedule(self.ecfg.adapter_refresh_every, start)
         self.prev_out: torch.Tensor | None = None  # the last stylized frame (1, 3, h, w) in [0, 1]
         self.prev_grey: np.ndarray | None = None  # the last input frame, grey, working resolution
 

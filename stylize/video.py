@@ -317,10 +317,14 @@ def _to_rgb(frame: av.VideoFrame, sws: VideoReformatter, info: VideoInfo) -> np.
     return np.rot90(rgb, round(info.rotation / 90) % 4)  # a view; copied into the batch
 
 
-def _video_frames(info: VideoInfo, stop: threading.Event) -> Iterator[tuple[np.ndarray, int]]:
-    """(uint8 RGB (H, W, 3) display-orientation frame, pts) for every decoded frame, in order."""
+def _video_frames(info: VideoInfo, stop: threading.Event, span: tuple[int, int | None] | None = None
+                  ) -> Iterator[tuple[np.ndarray, int]]:  # fmt: skip
+    """(uint8 RGB (H, W, 3) display-orientation frame, pts) for every decoded frame, in order; with
+    `span` (first pts, end pts or None), only the frames from first to before end: decoding starts
+    at the keyframe before `first` (a seek) and what comes before it is discarded."""
     if info.is_image_sequence:
-        for index, path in enumerate(info.image_files):
+        first, end = span or (0, None)
+        for index, path in enumerate(info.image_files[first:end], start=first):
             image = _load_image(path)
             if image.shape[:2] != (info.display_height, info.display_width):
                 raise InputError(
@@ -333,11 +337,17 @@ def _video_frames(info: VideoInfo, stop: threading.Event) -> Iterator[tuple[np.n
     with open_input(info.path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if span is not None:  # chunks.py plans spans only in clips whose every packet has a pts
+            container.seek(span[0], stream=stream, backward=True, any_frame=False)
         try:
             for frame in container.decode(stream):
                 if stop.is_set():
                     return
                 pts = frame.pts
+                if span is not None and (pts is None or pts < span[0]):
+                    continue  # decoded from the keyframe before the span, not part of it
+                if span is not None and span[1] is not None and pts >= span[1]:
+                    return
                 if pts is None:  # e.g. raw .h264: continue at the nominal rate
                     pts = 0 if previous is None else previous + info.nominal_ticks
                 elif previous is not None and pts <= previous:
@@ -350,13 +360,13 @@ def _video_frames(info: VideoInfo, stop: threading.Event) -> Iterator[tuple[np.n
             raise InputError(f"{info.path}: decoding failed {where} ({exc})") from exc
 
 
-def _batches(info: VideoInfo, batch_size: int, ring, stop: threading.Event) -> Iterator[FrameBatch]:
+def _batches(info: VideoInfo, batch_size: int, ring, stop: threading.Event, span=None) -> Iterator[FrameBatch]:
     """Decoded frames gathered into FrameBatch items, each filled only once the consumer has room
     for it (`threads.produce`): a frame's latency starts when it is decoded, and a batch held back
     would add a whole batch period to it. With a `ring`, each batch lands in one of its reused
     (pinned) batch-sized buffers, a short last batch padded by repeating its last frame."""
     batch = None
-    for image, stamp in _video_frames(info, stop):
+    for image, stamp in _video_frames(info, stop, span):
         if batch is None:
             batch = _new_batch(info, batch_size, ring, stop)
             if batch is None:
@@ -389,6 +399,7 @@ def read_batches(
     fps: Fraction | float | None = None,
     realtime: bool = False,
     ring=None,
+    span: tuple[int, int | None] | None = None,
 ) -> Iterator[FrameBatch]:
     """FrameBatch items of batch_size frames (the last may be shorter), every frame once.
 
@@ -398,11 +409,14 @@ def read_batches(
     -re); each frame's decoded_at is then the moment it would have arrived.
     ring: a `buffers.HostRing` whose reused (pinned) batch-sized buffers the frames land in; the
     consumer hands each back with `batch.release()`.
+    span: (first pts, end pts or None): only the frames from first to before end, decoded from the
+    keyframe before first (a chunk of a split clip, chunks.py); for a numbered-image folder the
+    pts are the frames' indices.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     info = path_or_info if isinstance(path_or_info, VideoInfo) else probe(path_or_info, fps)
-    batches = _consume(info, batch_size, ring)
+    batches = _consume(info, batch_size, ring, span)
     return _paced(batches, info.time_base) if realtime else batches
 
 
@@ -422,5 +436,5 @@ def _paced(batches: Iterator[FrameBatch], time_base: Fraction) -> Iterator[Frame
         batches.close()
 
 
-def _consume(info: VideoInfo, batch_size: int, ring=None) -> Iterator[FrameBatch]:
-    return produce(lambda stop: _batches(info, batch_size, ring, stop), f"decode:{info.path.name}", DECODE_AHEAD)
+def _consume(info: VideoInfo, batch_size: int, ring=None, span=None) -> Iterator[FrameBatch]:
+    return produce(lambda stop: _batches(info, batch_size, ring, stop, span), f"decode:{info.path.name}", DECODE_AHEAD)

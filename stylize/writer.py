@@ -35,7 +35,7 @@ AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 1200
 QUEUE_BATCHES = 4  # batches handed to the encode thread and not yet encoded
 
 
-class _AudioPump:
+class AudioPump:
     """Moves the source's audio tracks into `output`: packet copies, or AAC re-encodes."""
 
     def __init__(self, info: VideoInfo, output: av.container.OutputContainer):
@@ -112,9 +112,13 @@ class VideoWriter:
     """
 
     def __init__(self, dst: str | os.PathLike, info: VideoInfo, crf: int = 18,
-                 preset: str = "medium", audio: bool = True):
+                 preset: str = "medium", audio: bool = True, keep: bool = False,
+                 first_pts: int | None = None):
         self.dst, self.info = Path(dst), info
         self.crf, self.preset, self.audio = crf, preset, audio
+        # a chunk of a split clip (chunks.py): the complete file stays at its hidden name (`tmp`)
+        # for the join, and its last frame lasts to the clip's end only when it is the clip's last
+        self.keep, self.clip_first_pts = keep, first_pts
         if self.dst.suffix.lower() not in (".mp4", ".m4v"):
             raise OutputError(f"{self.dst}: output must be an .mp4 file; change the name")
         if self.dst.is_dir():
@@ -163,7 +167,7 @@ class VideoWriter:
             if bad is not None:
                 raise InputError(f"{info.path}: audio track {bad.index} {bad.problem} (a damaged file?); "
                                  f"give --no-audio to leave the audio out")
-            self.pump = _AudioPump(info, self.container)
+            self.pump = AudioPump(info, self.container)
 
     def write(self, frames: np.ndarray, pts) -> None:
         """Encode uint8 RGB frames (B, H, W, 3) with their source pts (strictly increasing)."""
@@ -219,7 +223,8 @@ class VideoWriter:
         plausible, else as long as the one before it."""
         info = self.info
         if info.duration is not None and self.last_pts is not None:
-            end = self.first_pts + info.ticks(info.duration)
+            first = self.first_pts if self.clip_first_pts is None else self.clip_first_pts
+            end = first + info.ticks(info.duration)
             if 0 < end - self.last_pts <= 3 * max(self.last_ticks, info.nominal_ticks):
                 return end - self.last_pts
         return self.last_ticks
@@ -236,7 +241,8 @@ class VideoWriter:
         self.container.close()
         with open(self.tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(self.tmp, self.dst)
+        if not self.keep:
+            os.replace(self.tmp, self.dst)
 
     def _discard(self) -> None:
         for closer in (self.pump and self.pump.source, self.container):

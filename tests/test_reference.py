@@ -229,3 +229,27 @@ def test_patchify_makes_no_tensor_from_host_data():
     with Ops() as ops:
         patchify(torch.rand(2, 3, 64, 64), 16, 2, 2)
     assert not [n for n in ops.names if "lift_fresh" in n or "_to_copy" in n], ops.names
+
+
+def test_a_frames_noise_depends_only_on_the_seed_and_its_index(tiny_stack):
+    """Per-frame noise (#17): the frames from 4 on, stylized as a clip that starts there, equal
+    the whole clip's, engine and reference alike; frame 0's noise is the seed's own draw."""
+    from stylize.config import EngineConfig
+    from stylize.engine import Engine
+    from stylize.reference import draw_noise, frame_seed
+    from stylize.video import FrameBatch
+
+    cfg = PipelineConfig(prompt=PROMPT, size=64, batch_size=2, fixed_noise=False)
+    frames = _frames(8, 48, 64, seed=3)
+    ref = ReferenceStylizer(tiny_stack, cfg)
+    whole = ref.stylize(frames)
+    ref.reset(first_frame=4)
+    assert np.array_equal(ref.stylize(frames[4:]), whole[4:])
+    engine = Engine(tiny_stack, cfg, EngineConfig(scene_cut=0))
+    engine.reset(first_frame=4)
+    got = [*engine.feed(FrameBatch(frames[4:6], [4, 5], [0.0] * 2)), *engine.feed(FrameBatch(frames[6:], [6, 7], [0.0] * 2))]
+    assert np.array_equal(np.concatenate([b.frames for b in [*got, *engine.flush()]]), whole[4:])
+    engine.close()
+    x = draw_noise(torch.Generator(), {}, False, 7, 0, 1, tiny_stack, (4, 4))
+    assert torch.equal(x, torch.randn(x.shape, generator=torch.Generator().manual_seed(7)))
+    assert len({frame_seed(7, i) % 2**32 for i in range(1000)}) == 1000

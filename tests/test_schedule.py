@@ -15,10 +15,13 @@ from stylize.threads import Pipe, produce
 def test_refresh_schedule_first_period_cut_and_restart():
     s = RefreshSchedule(3)
     assert [s.step(cut=False) for _ in range(7)] == [True, False, False, True, False, False, True]
-    assert s.step(cut=True)  # a cut refreshes now and restarts the period
+    assert s.step(cut=True)  # batch 7: a cut refreshes now ...
     assert not s.step(cut=False)
+    assert s.step(cut=False)  # ... and the grid stays: batch 9 refreshes by the period
     s.restart()
     assert s.step(cut=False)
+    chunk = RefreshSchedule(3, start=4)  # a chunk of a split clip from batch 4 (chunks.py)
+    assert [chunk.step(cut=False) for _ in range(5)] == [True, False, True, False, False]
 
 
 def test_next_is_periodic_only_asks():
