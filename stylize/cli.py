@@ -158,6 +158,16 @@ def run(
     crf: int = typer.Option(18, "--crf", help="H.264 quality (0-51, lower is better)."),
     preset: str = typer.Option("medium", "--preset", help="x264 speed preset (ultrafast ... placebo)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", metavar="<address>",
+        help="Run on a Ray cluster: its head's HOST:PORT, or 'auto' (RAY_ADDRESS, or one running here); "
+        'needs `pip install "stylize[cluster]"`. Inputs, outputs and the model on storage every node shares.',
+    ),
+    ray_workers: Optional[int] = typer.Option(
+        None, "--ray-workers", metavar="<n>",
+        help="Ray workers (each loads the model once) [default: one per GPU of the cluster, else one per CPU; "
+        "at most one per input].",
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON record per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library logs."),
@@ -195,7 +205,7 @@ def _run_reported(options: dict, debug: bool) -> None:
 
 def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, compile, te_every, te_batch_one,
          static_prompt, adapter, adapter_hooks, adapter_every, yes, no_audio, recursive, stills, fps, crf, preset, seed,
-         as_json, quiet, debug) -> None:  # fmt: skip
+         ray_address, ray_workers, as_json, quiet, debug) -> None:  # fmt: skip
     import dataclasses
 
     from .config import run_options
@@ -209,6 +219,10 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
         adapter=adapter, adapter_hooks=adapter_hooks, adapter_every=adapter_every, crf=crf, preset=preset,
         audio=not no_audio, fps=fps,
     )  # fmt: skip
+    if ray_address is not None or ray_workers is not None:
+        from .cluster import check_options
+
+        check_options(ray_address, ray_workers)  # without the extra: one line, exit 2
     jobs = plan_jobs(inputs, opts.tag, output, recursive, stills)
     for notice in opts.notices:
         err.print(f"note: {notice}")
@@ -223,7 +237,10 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
     if todo:
         if all(job.still for job in todo):  # one frame each: padding it to a batch of 8 is 8x the work
             opts = dataclasses.replace(opts, pipeline=dataclasses.replace(opts.pipeline, batch_size=1))
-        failed = _run_jobs(todo, opts, _pick_device(device), err, as_json, quiet, debug)
+        if ray_address is not None:
+            failed = _run_cluster(todo, opts, ray_address, ray_workers, device.value, err, as_json, quiet, debug)
+        else:
+            failed = _run_jobs(todo, opts, _pick_device(device), err, as_json, quiet, debug)
     summary = _summary(jobs, todo, failed)
     if summary:
         err.print(summary)
@@ -295,6 +312,32 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
                 typer.echo(_result_line(job, stats))
     finally:
         stylizer.close()
+    return failed
+
+
+def _run_cluster(jobs, opts, address, workers, device, err, as_json, quiet, debug) -> int:
+    """`_run_jobs` on a Ray cluster (cluster.py): the same lines and records, in the order the clips
+    finish, each record with the worker and node that ran it; returns the failures."""
+    from .cluster import connected, placement, run_on_cluster
+
+    failed = 0
+    with connected(address, debug) as ray:
+        where = placement(ray, device, workers, len(jobs))
+        what = f"{where.workers} Ray worker{'s' if where.workers > 1 else ''} ({where.device})"
+        with err.status(f"0 of {len(jobs)} done on {what}") as status:
+            for n, done in enumerate(run_on_cluster(ray, jobs, opts, where), 1):
+                status.update(f"{n} of {len(jobs)} done on {what}")
+                if done.error is not None:
+                    failed += 1
+                    _report_error(err, StylizeError(done.error), done.job.src)
+                elif as_json:
+                    record = {**done.stats.as_dict(), "kind": "still" if done.job.still else "clip", "status": "ok"}
+                    record.update(model_load_s=done.model_load_s, process_s_at_end=round(time.perf_counter() - STARTED, 2))
+                    if done.peak_gpu_mem_gib is not None:
+                        record["peak_gpu_mem_gib"] = done.peak_gpu_mem_gib
+                    typer.echo(json.dumps({**record, "worker": done.worker, "node": done.node}))
+                elif not quiet:
+                    typer.echo(f"{_result_line(done.job, done.stats)} (worker {done.worker} on {done.node})")
     return failed
 
 
