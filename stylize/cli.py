@@ -402,7 +402,9 @@ class _progress:
 def _report_error(err, e: BaseException, src=None, debug: bool = False) -> None:
     where = f"{src}: " if src is not None and str(src) not in str(e) else ""
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    err.print(f"[red]error[/red]: {where}{message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape  # a message's own brackets are text: `pip install "stylize[cluster]"`
+
+    err.print(f"[red]error[/red]: {escape(where + message)}", markup=True, highlight=False, soft_wrap=True)
     if debug:
         err.print_exception()
 

@@ -90,10 +90,10 @@ def connected(address: str, debug: bool = False) -> Iterator[object]:
     """Connected to the cluster at `address` ("auto": the one RAY_ADDRESS names, or one running on
     this machine); yields `ray`. A session this process already has (a test's) is used as it is."""
     ray = import_ray()
+    _reachable(address)
     if ray.is_initialized():
         yield ray
         return
-    _reachable(address)
     try:
         # Workers' output stays in their log files (the driver reports each clip's error itself)
         ray.init(address=address, logging_level="INFO" if debug else "ERROR", log_to_driver=debug)

@@ -1,0 +1,177 @@
+"""`--ray` (cluster.py) on a local Ray cluster of 2 CPUs, one for the module, with the tiny stack:
+clips shared among workers, a worker killed mid-clip (Ray restarts it and retries the clip; the
+output is written once, whole, nothing partial left), and a driver killed mid-run, then run again
+(the finished outputs are skipped, the interrupted one redone, nothing partial left). The kills
+are placed by the STYLIZE_TEST_PAUSE_ONCE hook (signals.py): the first worker to hand a batch to
+the encoder writes its pid into a marker file and waits there; every later arrival goes on.
+Without the `cluster` extra the module's Ray tests skip; `--ray` then exits 2 with one line."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from stylize import video
+from stylize.cli import run_app
+from stylize.signals import PAUSE_ONCE
+from tests.conftest import REPO, write_clip
+
+FAST = ["--style", "oil", "--model", "tiny", "--size", "64", "--preset", "ultrafast", "--batch-size", "4"]
+WAIT_S = 60  # the longest any step waits for a worker (a hang fails the test rather than the run)
+
+
+def invoke(*args):
+    return CliRunner().invoke(run_app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _partials(folder):
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name)
+
+
+def _wait_for(what, check):
+    give_up = time.monotonic() + WAIT_S
+    while not (found := check()):
+        assert time.monotonic() < give_up, f"waited {WAIT_S} s for {what}"
+        time.sleep(0.05)
+    return found
+
+
+def _clips(folder, frames):
+    folder.mkdir()
+    return [write_clip(folder / name, frames=n) for name, n in frames.items()]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_dir):
+    """A local Ray cluster of 2 CPUs; its workers import this checkout (PYTHONPATH), and the tiny
+    stack is built before any of them loads it. Yields its address, for a driver in another process."""
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        context = ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        yield context.address_info["gcs_address"]
+        ray.shutdown()
+
+
+def test_without_ray_installed_ray_is_one_line_exit_2(clip, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    r = invoke(clip, *FAST, "--ray", "auto")
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines() == ['error: --ray needs Ray, which is not installed: pip install "stylize[cluster]"']
+    assert not clip.with_name("clip_oil.mp4").exists()
+
+
+def test_bad_ray_options_are_one_line_exit_2(clip):
+    pytest.importorskip("ray")
+    for args, says in [(["--ray-workers", "2"], "--ray-workers goes with --ray"),
+                       (["--ray", "auto", "--ray-workers", "0"], "at least 1"),
+                       (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster"),
+                       (["--ray", "nowhere"], "give HOST:PORT")]:  # fmt: skip
+        r = invoke(clip, *FAST, *args)
+        assert r.exit_code == 2, (args, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, (args, r.stderr)
+
+
+def test_clips_are_shared_among_workers(cluster, tmp_path):
+    clips = _clips(tmp_path / "clips", {"a.mp4": 4, "b.mp4": 6, "c.mp4": 8, "d.mp4": 5})
+    r = invoke(tmp_path / "clips", *FAST, "-o", tmp_path / "out", "--ray", "auto", "--ray-workers", "2", "--json")
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(rec["src"] for rec in records) == sorted(str(c) for c in clips)
+    for rec in records:  # the one-GPU path's record, plus where it ran
+        assert rec["status"] == "ok" and rec["kind"] == "clip" and rec["worker"] in (0, 1) and rec["node"]
+        assert {"frames", "fps", "model_load_s", "process_s_at_end"} <= rec.keys()
+        assert video.probe(rec["dst"]).frames == rec["frames"] == video.probe(rec["src"]).frames
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_oil.mp4", "b_oil.mp4", "c_oil.mp4", "d_oil.mp4"]
+    assert "4 of 4 clips done" in r.stderr
+    r = invoke(tmp_path / "clips", *FAST, "-o", tmp_path / "out", "--ray", "auto")  # planned by the driver, as ever
+    assert r.exit_code == 0 and "nothing to do: all 4 outputs exist" in r.stderr
+
+
+def test_a_worker_killed_mid_clip_is_restarted_and_the_clip_retried(cluster, tmp_path, monkeypatch):
+    from stylize import cluster as ray_cluster
+    from stylize.config import run_options
+    from stylize.jobs import plan_jobs
+
+    import ray
+
+    folder = tmp_path / "clips"
+    _clips(folder, {"a.mp4": 12, "b.mp4": 12})
+    marker = tmp_path / "held"
+    monkeypatch.setenv(PAUSE_ONCE, f"encode:{marker}")  # the driver hands STYLIZE_TEST_* to its workers
+    opts = run_options(style="oil", prompt=None, model="tiny", size=64, batch_size=4, preset="ultrafast")
+    jobs = plan_jobs([folder], opts.tag)
+    finished = []
+    run = threading.Thread(
+        target=lambda: finished.extend(ray_cluster.run_on_cluster(ray, jobs, opts, ray_cluster.Placement("cpu", 2)))
+    )
+    run.start()
+    pid = int(_wait_for("a worker to reach the encoder", lambda: marker.exists() and marker.read_text()))
+    held = _wait_for("its partial file", lambda: [p for p in _partials(folder) if f"-{pid}-" in p])
+    os.kill(pid, signal.SIGKILL)
+    run.join(WAIT_S)
+    assert not run.is_alive()
+    assert sorted(f.job.src.name for f in finished) == ["a.mp4", "b.mp4"]
+    assert all(f.error is None for f in finished), [f.error for f in finished]
+    killed = held[0].removeprefix(".").split(".partial-")[0]  # the clip the killed worker held: "a_oil"
+    assert (folder / f"{killed}.mp4").is_file()
+    for f in finished:
+        assert video.probe(f.job.dst).frames == 12
+    assert _partials(folder) == [] and sorted(p.name for p in folder.iterdir()) == [
+        "a.mp4", "a_oil.mp4", "b.mp4", "b_oil.mp4"]  # fmt: skip
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_run_resumed_after_its_driver_was_killed(cluster, tmp_path):
+    """The CLI end to end: a driver in its own process, connected to the cluster by its address."""
+    folder = tmp_path / "clips"
+    _clips(folder, {"a.mp4": 12, "b.mp4": 12})
+    marker = tmp_path / "held"
+    env = {**os.environ, PAUSE_ONCE: f"encode:{marker}", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "stylize", str(folder), *FAST, "--ray", cluster, "--ray-workers", "2"]
+    driver = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = int(_wait_for("a worker to reach the encoder", lambda: marker.exists() and marker.read_text()))
+        held = _wait_for("its partial file", lambda: [p for p in _partials(folder) if f"-{pid}-" in p])
+        interrupted = held[0].removeprefix(".").split(".partial-")[0]  # "a_oil" or "b_oil"
+        other = ({"a_oil", "b_oil"} - {interrupted}).pop()
+        _wait_for("the other clip to finish", (folder / f"{other}.mp4").is_file)
+    finally:
+        # the worst case: the worker and the driver killed outright (Ray would otherwise stop the
+        # workers of a dead driver, which delete their partial files)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        driver.kill()
+        driver.communicate()
+    finished = _sha(folder / f"{other}.mp4")
+    _wait_for("the held worker to end", lambda: not _alive(pid))
+    assert not (folder / f"{interrupted}.mp4").exists() and _partials(folder) == held
+
+    again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=WAIT_S * 2)
+    assert again.returncode == 0, again.stderr
+    assert f"{other}.mp4 exists" in again.stderr and "1 of 1 clip done; 1 skipped" in again.stderr
+    assert again.stdout.count(" -> ") == 1 and f"{interrupted}.mp4" in again.stdout and "(worker " in again.stdout
+    assert _sha(folder / f"{other}.mp4") == finished  # the finished output untouched
+    assert video.probe(folder / f"{interrupted}.mp4").frames == 12
+    assert _partials(folder) == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
