@@ -12,8 +12,16 @@ the others go on.
 
 No partial file is left: each output is written to a hidden file named by its run and renamed onto
 the destination once complete (partial.py). Before submitting, the driver removes what an earlier,
-killed run left at its destinations, on whatever host it ran (a cluster run owns its outputs); a
-restarted actor does the same for the clip it retries, whose first attempt died elsewhere.
+killed run left at its destinations, on whatever host it ran (a cluster run owns its outputs: two
+runs writing the same outputs at once are not supported); a restarted actor does the same for the
+clip it retries, whose first attempt died elsewhere; a driver stopped by a signal kills its actors
+and removes the partial files of the clips they held. Resuming is running the same command again:
+finished outputs are skipped (without -y), the rest redone.
+
+Workers: one per GPU when `--device` is cuda, or auto and the cluster has GPUs; else one per CPU.
+`--ray-workers N` asks for N (more than the cluster holds now wait for the autoscaler); by default,
+as many as the cluster holds, at most one per input. A worker's environment is its node's, but
+for the driver's STYLIZE_TEST_* variables (the tests' hooks).
 
 Why plain actors and not Ray Data's `map_batches`: a clip is one long task (minutes) that writes a
 file, not a row to transform; results must stream back one clip at a time with that clip's error
@@ -42,7 +50,9 @@ from .partial import remove_predecessors
 INSTALL = 'pip install "stylize[cluster]"'
 RESTARTS = 4  # times Ray restarts an actor whose process died (max_restarts)
 RETRIES = 2  # times a clip is run again after its actor died mid-clip (max_task_retries)
-CANCEL_S = 2.0  # for running clips to stop and delete their partial files when the driver is interrupted
+# A blocking ray.wait runs Python's signal handlers inside C++, which turns the driver's Signalled
+# (signals.py) into a SystemError; so the driver polls, and a signal meets it in time.sleep.
+POLL_S = 0.1
 CONNECT_TIMEOUT_S = 5.0  # to reach the cluster's address before Ray's own retries (minutes) start
 FORWARDED = ("STYLIZE_TEST_",)  # the driver's variables the actors get (the tests' hooks, signals.py)
 
@@ -223,7 +233,11 @@ def run_on_cluster(ray, jobs: Sequence[Job], opts, where: Placement) -> Iterator
     live = set(range(len(actors)))
     try:
         while waiting and (todo or any(job for _, job in waiting.values())):
-            [ref], _ = ray.wait(list(waiting), num_returns=1)
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=0)
+            if not ready:
+                time.sleep(POLL_S)
+                continue
+            ref = ready[0]
             index, job = waiting.pop(ref)
             try:
                 result = ray.get(ref)
@@ -243,17 +257,10 @@ def run_on_cluster(ray, jobs: Sequence[Job], opts, where: Placement) -> Iterator
                 nxt = todo.popleft()
                 waiting[actors[index].run.remote(nxt)] = (index, nxt)
     finally:
-        _stop(ray, actors, [ref for ref, (_, job) in waiting.items() if job is not None])
-
-
-def _stop(ray, actors, running) -> None:
-    """End the actors, also those still waiting for resources. Clips still running (the driver was
-    interrupted) are cancelled first, as Ctrl-C would stop a one-GPU run: their writers delete their
-    partial files (a clip that does not stop within CANCEL_S is killed with the actor; its partial file
-    is removed by the next run)."""
-    for ref in running:
-        ray.cancel(ref)
-    if running:
-        ray.wait(running, num_returns=len(running), timeout=CANCEL_S)
-    for a in actors:
-        ray.kill(a)
+        for a in actors:  # also those still waiting for resources
+            ray.kill(a)
+        # Clips still running when the driver was interrupted: Ray's cancel does not stop a running
+        # actor task, and a killed actor leaves its partial file, so the driver removes those itself
+        # (a cluster run owns its destinations; what a driver killed outright leaves, the next run removes)
+        for job in (job for _, job in waiting.values() if job is not None):
+            remove_predecessors(job.dst, everyone=True)

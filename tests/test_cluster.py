@@ -175,3 +175,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_ctrl_c_stops_the_driver_and_its_workers_delete_their_partial_files(cluster, tmp_path):
+    folder = tmp_path / "clips"
+    _clips(folder, {"a.mp4": 12})
+    marker = tmp_path / "held"
+    env = {**os.environ, PAUSE_ONCE: f"encode:{marker}", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "stylize", str(folder), *FAST, "--ray", cluster]
+    driver = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = int(_wait_for("the worker to reach the encoder", lambda: marker.exists() and marker.read_text()))
+        _wait_for("its partial file", lambda: _partials(folder))
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=WAIT_S)
+    finally:
+        driver.kill()
+    assert driver.returncode == -signal.SIGINT and stderr.strip().splitlines()[-1] == "interrupted"
+    _wait_for("the worker to end with its driver", lambda: not _alive(pid))
+    assert sorted(p.name for p in folder.iterdir()) == ["a.mp4"]  # its partial file deleted by the worker
