@@ -83,19 +83,28 @@ def test_bad_ray_options_are_one_line_exit_2(clip):
 
 
 def test_clips_are_shared_among_workers(cluster, tmp_path):
+    from PIL import Image
+
     clips = _clips(tmp_path / "clips", {"a.mp4": 4, "b.mp4": 6, "c.mp4": 8, "d.mp4": 5})
-    r = invoke(tmp_path / "clips", *FAST, "-o", tmp_path / "out", "--ray", "auto", "--ray-workers", "2", "--json")
-    assert r.exit_code == 0, r.output
+    (tmp_path / "clips" / "e.mp4").write_bytes(b"not a video")  # fails alone, one line
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 120, 40)).save(photo)
+    out = tmp_path / "out"
+    r = invoke(tmp_path / "clips", photo, *FAST, "-o", out, "--ray", "auto", "--ray-workers", "2", "--json")
+    assert r.exit_code == 1, r.output
     records = [json.loads(line) for line in r.stdout.splitlines()]
-    assert sorted(rec["src"] for rec in records) == sorted(str(c) for c in clips)
+    assert sorted(rec["src"] for rec in records) == sorted(str(c) for c in [*clips, photo])
     for rec in records:  # the one-GPU path's record, plus where it ran
-        assert rec["status"] == "ok" and rec["kind"] == "clip" and rec["worker"] in (0, 1) and rec["node"]
+        assert rec["status"] == "ok" and rec["worker"] in (0, 1) and rec["node"]
         assert {"frames", "fps", "model_load_s", "process_s_at_end"} <= rec.keys()
-        assert video.probe(rec["dst"]).frames == rec["frames"] == video.probe(rec["src"]).frames
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_oil.mp4", "b_oil.mp4", "c_oil.mp4", "d_oil.mp4"]
-    assert "4 of 4 clips done" in r.stderr
-    r = invoke(tmp_path / "clips", *FAST, "-o", tmp_path / "out", "--ray", "auto")  # planned by the driver, as ever
-    assert r.exit_code == 0 and "nothing to do: all 4 outputs exist" in r.stderr
+        if rec["kind"] == "clip":
+            assert video.probe(rec["dst"]).frames == rec["frames"] == video.probe(rec["src"]).frames
+    assert [rec["kind"] for rec in records].count("still") == 1 and Image.open(out / "photo_oil.png").size == (40, 30)
+    assert sorted(p.name for p in out.iterdir()) == ["a_oil.mp4", "b_oil.mp4", "c_oil.mp4", "d_oil.mp4", "photo_oil.png"]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "e.mp4" in errors[0] and "5 of 6 inputs done, 1 failed" in r.stderr
+    r = invoke(tmp_path / "clips", photo, *FAST, "-o", out, "--ray", "auto")  # planned by the driver, as ever
+    assert r.exit_code == 1 and "5 skipped (output exists)" in r.stderr and r.stdout == ""
 
 
 def test_a_worker_killed_mid_clip_is_restarted_and_the_clip_retried(cluster, tmp_path, monkeypatch):
