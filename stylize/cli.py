@@ -161,11 +161,11 @@ def run(
     ray_address: Optional[str] = typer.Option(
         None, "--ray", metavar="<address>",
         help="Run on a Ray cluster: its head's HOST:PORT, or 'auto' (RAY_ADDRESS, or one running here); "
-        'needs `pip install "stylize[cluster]"`. Inputs, outputs and the model on storage every node shares.',
+        'needs `pip install "stylize\\[cluster]"`. Inputs, outputs and the model on storage every node shares.',
     ),
     ray_workers: Optional[int] = typer.Option(
         None, "--ray-workers", metavar="<n>",
-        help="Ray workers (each loads the model once) [default: one per GPU of the cluster, else one per CPU; "
+        help="Ray workers (each loads the model once) \\[default: one per GPU of the cluster, else one per CPU; "
         "at most one per input].",
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON record per output on stdout."),
