@@ -332,7 +332,8 @@ def _run_cluster(jobs, opts, address, workers, device, err, as_json, quiet, debu
                     _report_error(err, StylizeError(done.error), done.job.src)
                 elif as_json:
                     record = {**done.stats.as_dict(), "kind": "still" if done.job.still else "clip", "status": "ok"}
-                    record.update(model_load_s=done.model_load_s, process_s_at_end=round(time.perf_counter() - STARTED, 2))
+                    since_start = time.perf_counter() - STARTED
+                    record.update(model_load_s=done.model_load_s, process_s_at_end=round(since_start, 2))
                     if done.peak_gpu_mem_gib is not None:
                         record["peak_gpu_mem_gib"] = done.peak_gpu_mem_gib
                     typer.echo(json.dumps({**record, "worker": done.worker, "node": done.node}))

@@ -42,10 +42,14 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import StylizeError, UsageError
 from .jobs import Job
 from .partial import remove_predecessors
+
+if TYPE_CHECKING:
+    from .pipeline import RunStats
 
 INSTALL = 'pip install "stylize[cluster]"'
 RESTARTS = 4  # times Ray restarts an actor whose process died (max_restarts)
@@ -71,7 +75,7 @@ class Finished:
     job: Job
     worker: int
     node: str
-    stats: object = None
+    stats: RunStats | None = None
     error: str | None = None
     model_load_s: float | None = None
     peak_gpu_mem_gib: float | None = None
@@ -134,7 +138,8 @@ def _reachable(address: str) -> None:
 
 def placement(ray, device: str, workers: int | None, jobs: int) -> Placement:
     """Where the actors go: one per GPU when `device` is "cuda", or "auto" and the cluster has GPUs;
-    else one per CPU. `workers` None: as many as the cluster holds now, at most one per job."""
+    else one per CPU (Ray then gives each one torch thread: OMP_NUM_THREADS=1). `workers` None: as
+    many as the cluster holds now; never more than one per job."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if device == "cuda" and gpus == 0:
