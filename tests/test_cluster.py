@@ -1,7 +1,8 @@
 """`--ray` (cluster.py) on a local Ray cluster of 2 CPUs, one for the module, with the tiny stack:
 clips shared among workers, a worker killed mid-clip (Ray restarts it and retries the clip; the
 output is written once, whole, nothing partial left), and a driver killed mid-run, then run again
-(the finished outputs are skipped, the interrupted one redone, nothing partial left). The kills
+(the finished outputs are skipped, the interrupted one redone, nothing partial left), and a driver
+stopped by Ctrl-C (it dies of the signal, its workers' partial files removed). The kills
 are placed by the STYLIZE_TEST_PAUSE_ONCE hook (signals.py): the first worker to hand a batch to
 the encoder writes its pid into a marker file and waits there; every later arrival goes on.
 Without the `cluster` extra the module's Ray tests skip; `--ray` then exits 2 with one line."""
@@ -200,3 +201,10 @@ def test_ctrl_c_stops_the_driver_and_its_workers_delete_their_partial_files(clus
     assert driver.returncode == -signal.SIGINT and stderr.strip().splitlines()[-1] == "interrupted"
     _wait_for("the worker to end with its driver", lambda: not _alive(pid))
     assert sorted(p.name for p in folder.iterdir()) == ["a.mp4"]  # its partial file deleted by the worker
+
+
+def test_device_cuda_on_a_cluster_without_gpus_is_one_line_exit_2(cluster, clip):
+    r = invoke(clip, *FAST, "--ray", "auto", "--device", "cuda")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        "error: --device cuda: the Ray cluster has no GPUs; use --device cpu"]  # fmt: skip
+    assert not clip.with_name("clip_oil.mp4").exists()
