@@ -1,5 +1,5 @@
 # Two entry points (see README): `make demo` stylizes a clip with the default model, `make test` runs the tests.
-# Both create .venv and install the package into it first.
+# Both create .venv and install the package into it first, with the test, train and cluster (Ray) extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "==> set-up 3/4: installing torch 2.13.0 (pinned first; the largest download)"
 	$(PY) -m pip install "torch==2.13.0"
 	@echo "==> set-up 4/4: installing stylize and its dependencies (diffusers, transformers, av, ...) into $(VENV)"
-	$(PY) -m pip install -e ".[test,train]"
+	$(PY) -m pip install -e ".[test,train,cluster]"
 	@touch $@
 	@echo "==> set-up done: $(VENV) is ready (make re-runs it only when pyproject.toml changes)"
 

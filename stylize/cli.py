@@ -166,6 +166,16 @@ def run(
         "with more GPUs than clips, long clips are split across them. With --device cpu, N CPU worker processes "
         "(cores // N torch threads each: the wiring without GPUs). Default: one GPU, in this process.",
     ),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", metavar="<address>",
+        help="Run on a Ray cluster: its head's HOST:PORT, or 'auto' (RAY_ADDRESS, or one running here); "
+        'needs `pip install "stylize\\[cluster]"`. Inputs, outputs and the model on storage every node shares.',
+    ),
+    ray_workers: Optional[int] = typer.Option(
+        None, "--ray-workers", metavar="<n>",
+        help="Ray workers (each loads the model once) \\[default: one per GPU of the cluster, else one per CPU; "
+        "at most one per input].",
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON record per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library logs."),
@@ -203,7 +213,7 @@ def _run_reported(options: dict, debug: bool) -> None:
 
 def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, device, compile, te_every, te_batch_one,
          static_prompt, adapter, adapter_hooks, adapter_every, yes, no_audio, recursive, stills, fps, crf, preset, seed,
-         gpus, as_json, quiet, debug) -> None:  # fmt: skip
+         gpus, ray_address, ray_workers, as_json, quiet, debug) -> None:  # fmt: skip
     import dataclasses
 
     from .config import parse_gpus, run_options
@@ -218,6 +228,12 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
         audio=not no_audio, fps=fps,
     )  # fmt: skip
     selection = parse_gpus(gpus)
+    if gpus is not None and ray_address is not None:
+        raise UsageError("--gpus and --ray: give one of them (on a cluster, Ray places one worker per GPU itself)")
+    if ray_address is not None or ray_workers is not None:
+        from .cluster import check_options
+
+        check_options(ray_address, ray_workers)  # without the extra: one line, exit 2
     jobs = plan_jobs(inputs, opts.tag, output, recursive, stills)
     for notice in opts.notices:
         err.print(f"note: {notice}")
@@ -232,12 +248,15 @@ def _run(inputs, style, prompt, output, model, batch_size, steps, size, crop, de
     if todo:
         if all(job.still for job in todo):  # one frame each: padding it to a batch of 8 is 8x the work
             opts = dataclasses.replace(opts, pipeline=dataclasses.replace(opts.pipeline, batch_size=1))
-        picked = _pick_device(device)
-        workers = selection.resolve(_visible(picked), picked) if selection is not None else (0,)
-        if workers == (0,):  # one GPU (or the CPU) in this process: no workers at all
-            failed = _run_jobs(todo, opts, picked, err, as_json, quiet, debug)
+        if ray_address is not None:
+            failed = _run_cluster(todo, opts, ray_address, ray_workers, device.value, err, as_json, quiet, debug)
         else:
-            failed = _run_workers(todo, opts, picked, workers, err, as_json, quiet, debug)
+            picked = _pick_device(device)
+            workers = selection.resolve(_visible(picked), picked) if selection is not None else (0,)
+            if workers == (0,):  # one GPU (or the CPU) in this process: no workers at all
+                failed = _run_jobs(todo, opts, picked, err, as_json, quiet, debug)
+            else:
+                failed = _run_workers(todo, opts, picked, workers, err, as_json, quiet, debug)
     summary = _summary(jobs, todo, failed)
     if summary:
         err.print(summary)
@@ -306,7 +325,7 @@ def _run_jobs(jobs, opts, device, err, as_json, quiet, debug) -> int:
 def report(job, stats, extra: dict, as_json: bool = False, quiet: bool = False) -> None:
     """One finished output on stdout, however it was run (this process, a worker of workers.py, a
     cluster): its --json record (RunStats, kind, status, then `extra`: model_load_s,
-    peak_gpu_mem_gib, gpu, ...; process_s_at_end added here) or its result line (`gpu` appended
+    peak_gpu_mem_gib, gpu or worker and node, ...; process_s_at_end added here) or its result line (`gpu` appended
     where there is one); nothing when quiet."""
     if as_json:
         since_start = time.perf_counter() - STARTED  # what a user waits: start-up, load, compile
@@ -320,6 +339,8 @@ def report(job, stats, extra: dict, as_json: bool = False, quiet: bool = False) 
             line += f" (gpus {','.join(map(str, gpu))})"
         elif gpu is not None:
             line += f" (gpu {gpu})"
+        elif "worker" in extra:  # a Ray worker (cluster.py)
+            line += f" (worker {extra['worker']} on {extra['node']})"
         typer.echo(line)
 
 
@@ -394,6 +415,29 @@ class _worker_bars:
         return False
 
 
+def _run_cluster(jobs, opts, address, workers, device, err, as_json, quiet, debug) -> int:
+    """`_run_jobs` on a Ray cluster (cluster.py): the same lines and records, in the order the clips
+    finish, each record with the worker and node that ran it; returns the failures."""
+    from .cluster import connected, placement, run_on_cluster
+
+    failed = 0
+    with connected(address, debug) as ray:
+        where = placement(ray, device, workers, len(jobs))
+        what = f"{where.workers} Ray worker{'s' if where.workers > 1 else ''} ({where.device})"
+        with err.status(f"0 of {len(jobs)} done on {what}") as status:
+            for n, done in enumerate(run_on_cluster(ray, jobs, opts, where), 1):
+                status.update(f"{n} of {len(jobs)} done on {what}")
+                if done.error is not None:
+                    failed += 1
+                    _report_error(err, StylizeError(done.error), done.job.src)
+                    continue
+                extra = {"model_load_s": done.model_load_s, "worker": done.worker, "node": done.node}
+                if done.peak_gpu_mem_gib is not None:
+                    extra["peak_gpu_mem_gib"] = done.peak_gpu_mem_gib
+                report(done.job, done.stats, extra, as_json, quiet)
+    return failed
+
+
 def _result_line(job, stats) -> str:
     if job.still:
         return f"{job.src} -> {job.dst}: still {stats.width}x{stats.height}, {stats.seconds * 1000:.0f} ms"
@@ -455,7 +499,9 @@ class _progress:
 def _report_error(err, e: BaseException, src=None, debug: bool = False) -> None:
     where = f"{src}: " if src is not None and str(src) not in str(e) else ""
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    err.print(f"[red]error[/red]: {where}{message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape  # a message's own brackets are text: `pip install "stylize[cluster]"`
+
+    err.print(f"[red]error[/red]: {escape(where + message)}", markup=True, highlight=False, soft_wrap=True)
     if debug:
         err.print_exception()
 

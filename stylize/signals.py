@@ -32,6 +32,7 @@ HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 GRACE_S = 4.0  # for the clean-up after a signal; then it is killed (issue #16: gone within 5 s)
 PAUSE_AT = "STYLIZE_TEST_PAUSE_AT"  # the test hook's variable: "<stage>:<marker file>"
+PAUSE_ONCE = "STYLIZE_TEST_PAUSE_ONCE"  # the same, held at the first arrival only (tests/test_cluster.py)
 PAUSE_S = 60.0  # the longest a test hook holds the run
 
 
@@ -108,14 +109,36 @@ def pause_point(stage: str) -> None:
     writes its process id into the marker file each time its main thread reaches `stage`, and waits
     while that file exists (at most PAUSE_S): a test signals it at a known point, or deletes the
     file to let it go on. Stages: "load" (the model's load begins), "encode" (a batch of frames
-    handed to the encoder), "remux" (the video encoded, the rest of the audio not yet muxed). On other threads (the engine's hand-back) it does nothing: a signal could not stop it."""
-    at, _, marker = os.environ.get(PAUSE_AT, "").partition(":")
-    if at != stage or not marker or threading.current_thread() is not threading.main_thread():
+    handed to the encoder), "remux" (the video encoded, the rest of the audio not yet muxed). On other
+    threads (the engine's hand-back) it does nothing: a signal could not stop it.
+
+    STYLIZE_TEST_PAUSE_ONCE=<stage>:<marker file> holds only the first arrival of any process (a
+    cluster's workers, tests/test_cluster.py): the one that creates the marker waits while it exists;
+    every later arrival finds it there and goes on, so a retry of a killed worker is not held again."""
+    if threading.current_thread() is not threading.main_thread():
         return
-    path = Path(marker)
-    written = path.with_name(path.name + ".tmp")
+    at, _, marker = os.environ.get(PAUSE_AT, "").partition(":")
+    if at == stage and marker:
+        _hold(Path(marker), exclusive=False)
+    at, _, marker = os.environ.get(PAUSE_ONCE, "").partition(":")
+    if at == stage and marker:
+        _hold(Path(marker), exclusive=True)
+
+
+def _hold(path: Path, exclusive: bool) -> None:
+    """Write this process's id into `path` (whole when it appears: the test reads the id from it),
+    then wait while it exists. `exclusive`: only if no one has written it yet."""
+    written = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     written.write_text(str(os.getpid()))
-    os.replace(written, path)  # whole when it appears: the test reads the id from it
+    if exclusive:
+        try:
+            os.link(written, path)  # fails if the marker exists: one process wins, even across hosts
+        except FileExistsError:
+            return
+        finally:
+            written.unlink()
+    else:
+        os.replace(written, path)
     until = time.monotonic() + PAUSE_S
     while path.exists() and time.monotonic() < until:
         time.sleep(0.02)  # a signal's handler runs (and raises) here
