@@ -402,10 +402,7 @@ class _worker_bars:
             name = task.job.src.name
             if task.chunk is not None:
                 name += f" [part {task.chunk.index + 1}/{task.chunk.count}]"
-            self.bar.update(
-                rows[gpu], completed=p.done, total=p.total, fps=p.done / p.elapsed_s if p.elapsed_s else 0.0,
-                description=f"{name} [{p.status}]" if p.status else name,
-            )  # fmt: skip
+            self.bar.update(rows[gpu], **_bar_row(p, name))
 
         return update
 
@@ -483,10 +480,7 @@ class _progress:
         self.bar.start()
 
         def update(p):
-            self.bar.update(
-                self.task, completed=p.done, total=p.total, fps=p.done / p.elapsed_s if p.elapsed_s else 0.0,
-                description=f"{self.name} [{p.status}]" if p.status else self.name,
-            )  # fmt: skip
+            self.bar.update(self.task, **_bar_row(p, self.name))
 
         return update
 
@@ -494,6 +488,13 @@ class _progress:
         if self.shown:
             self.bar.stop()
         return False
+
+
+def _bar_row(p, name: str) -> dict:
+    """A progress bar row's fields for a clip's `Progress` p: frames done of its total, the rate,
+    and the clip's name with the status of a one-time step (a compile) when there is one."""
+    fps = p.done / p.elapsed_s if p.elapsed_s else 0.0
+    return {"completed": p.done, "total": p.total, "fps": fps, "description": f"{name} [{p.status}]" if p.status else name}
 
 
 def _report_error(err, e: BaseException, src=None, debug: bool = False) -> None:
