@@ -219,7 +219,27 @@ class Forked:
 # ----------------------------------------------------------------------------- the matrix
 
 
-class Run:
+class Watched:
+    """A process the matrix drives (`proc`): when it was signalled, and once seen ended its
+    returncode and the seconds from the signal to its exit."""
+
+    signalled: float | None = None
+    returncode: int | None = None
+    exit_s: float | None = None
+
+    def ended(self) -> bool:
+        """Whether `proc` has ended; the first time it is seen ended, its returncode and exit_s are recorded."""
+        if self.returncode is not None:
+            return True
+        code = self.proc.poll()
+        if code is None:
+            return False
+        self.returncode = code
+        self.exit_s = None if self.signalled is None else time.monotonic() - self.signalled
+        return True
+
+
+class Run(Watched):
     """One run over a folder of a.mp4 and b.mp4 (copied from `clips`), held at `stage` each time it
     gets there. It is sent `sig` (to the whole process group with `group`, as a terminal's Ctrl-C
     is) at its first arrival for "load", else at the first once b's partial file exists (a is done
@@ -244,14 +264,11 @@ class Run:
                 )  # fmt: skip
         else:
             self.proc = zygote.fork([str(self.folder), *FAST], env, self.folder, self.log, nohup)
-        self.signalled: float | None = None
         self.partials_when_signalled: list[str] = []
         self.alive_after_signal: bool | None = None
-        self.returncode: int | None = None
-        self.exit_s: float | None = None
 
     def step(self) -> None:
-        if _ended(self):
+        if self.ended():
             return
         if self.signalled is not None and not self.nohup:
             if time.monotonic() - self.signalled > 2 * EXIT_S:  # long overdue: stop waiting for it
@@ -378,20 +395,7 @@ def _held(tmp_path: Path, state: str) -> tuple[subprocess.Popen, Path]:
     return proc, marker
 
 
-def _ended(run) -> bool:
-    """Whether `run.proc` has ended; the first time it is seen ended, its returncode and the
-    seconds from the signal to its exit (exit_s) are recorded on `run`."""
-    if run.returncode is not None:
-        return True
-    code = run.proc.poll()
-    if code is None:
-        return False
-    run.returncode = code
-    run.exit_s = None if run.signalled is None else time.monotonic() - run.signalled
-    return True
-
-
-class Hung:
+class Hung(Watched):
     """HELD, sent SIGTERM once running; its clean-up hangs. Driven with the matrix's runs (as a Run:
     step(), returncode, exit_s), so that the 4 s it must wait pass while they run."""
 
@@ -399,12 +403,9 @@ class Hung:
         folder.mkdir()
         self.marker = folder / "state"
         self.proc = subprocess.Popen([sys.executable, "-c", HELD, str(self.marker)], start_new_session=True)
-        self.signalled: float | None = None
-        self.returncode: int | None = None
-        self.exit_s: float | None = None
 
     def step(self) -> None:
-        if _ended(self):
+        if self.ended():
             return
         if self.signalled is None and self.output() == "running":
             self.proc.send_signal(signal.SIGTERM)
