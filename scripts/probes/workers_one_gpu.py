@@ -21,6 +21,7 @@ import av
 import numpy as np
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[2]))  # stylize, from a checkout that is not installed
 
 
 def child() -> None:
