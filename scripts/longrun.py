@@ -81,7 +81,8 @@ AUDIO_RATE = 44100
 # the clips mode's sizes (width, height) at a long side of 256, scaled to --clip-size: landscape,
 # portrait, 3:2, wide (at --size 256: worked at 256x128, 128x256, 256x160, 256x96)
 CLIP_SIZES = ((256, 144), (144, 256), (240, 160), (256, 96))
-METRICS = ("rss_mib", "gpu_allocated_mib", "gpu_reserved_mib", "threads", "os_threads", "fds")
+METRICS = ("rss_mib", "rss_trimmed_mib", "gpu_allocated_mib", "gpu_reserved_mib", "threads", "os_threads", "fds")
+TRIM = False  # --trim: each sample also gives RSS after glibc's malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -102,9 +103,20 @@ def os_threads() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
 
 
+def malloc_trim() -> None:
+    """Hand the C heap's free pages back to the OS (glibc): RSS that drops here was freed memory
+    the allocator kept (fragmentation), not memory still held."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def sample(**where) -> dict:
     """One row: `where` (frame or clip) and the process's resources now."""
     row = {**where, "t_s": round(time.perf_counter() - T0, 2), "rss_mib": round(rss_mib(), 1)}
+    if TRIM:
+        malloc_trim()
+        row["rss_trimmed_mib"] = round(rss_mib(), 1)
     torch = sys.modules.get("torch")  # never imported here first (the CLI imports it after its checks)
     if torch is not None and torch.cuda.is_initialized():
         row["gpu_allocated_mib"] = round(torch.cuda.memory_allocated() / 2**20, 1)
@@ -411,7 +423,7 @@ def series(result: dict) -> tuple[str, list, dict, list]:
     rows = [r for r in result["samples"] if r.get(key) is not None and (frames or r[key] >= 1)]
     xs = [r[key] for r in rows]
     panels = [
-        {m: [r.get(m) for r in rows] for m in ("rss_mib", "gpu_allocated_mib", "gpu_reserved_mib") if m in rows[0]},
+        {m: [r.get(m) for r in rows] for m in ("rss_mib", "rss_trimmed_mib", "gpu_allocated_mib", "gpu_reserved_mib") if m in rows[0]},
         {m: [r[m] for r in rows] for m in ("threads", "os_threads", "fds")},
     ]
     s = result.get("summary", {})
@@ -526,7 +538,11 @@ def main() -> None:
     ap.add_argument("--to", type=int, default=100, help="clips: the end of the summary's range")
     ap.add_argument("--clip-size", type=int, help="clips: the clips' long side (default: --size)")
     ap.add_argument("--warmup", type=int, help="frames or clips before the warm-up sample (frames/10; 10 clips)")
+    ap.add_argument("--trim", action="store_true",
+                    help="each sample also records RSS after malloc_trim(0): a leak stays, fragmentation goes")  # fmt: skip
     args = ap.parse_args()
+    global TRIM
+    TRIM = args.trim
     args.model = args.model or ("random-full" if args.device == "cuda" else "tiny")
     if args.mode == "plot":
         result = json.loads(args.json.read_text())

@@ -261,10 +261,10 @@ class StreamGraph:
 
     def __init__(self, fn, keep: int = 4):
         self.fn, self.keep = fn, keep
-        self.graphs: OrderedDict = OrderedDict()  # signature -> (graph, static inputs, static outputs)
+        self.graphs: OrderedDict = OrderedDict()  # signature -> (graph, static inputs, static outputs, stream)
         self.seen: set = set()
         self.replays = 0
-        self.stream = None  # the one stream this step captures on (made at its first capture)
+        self.free_streams: list = []  # capture streams of evicted graphs, for the next captures
 
     def __call__(self, *args):
         key = tuple(_signature(a) for a in args)
@@ -275,9 +275,11 @@ class StreamGraph:
                 return self.fn(*args)
             entry = self.graphs[key] = self._capture(args)
             while len(self.graphs) > self.keep:
-                self.graphs.popitem(last=False)
+                _, (old, *_, stream) = self.graphs.popitem(last=False)
+                del old  # destroyed before its stream captures again (see _capture)
+                self.free_streams.append(stream)
         self.graphs.move_to_end(key)
-        graph, static_in, static_out = entry
+        graph, static_in, static_out, _ = entry
         for dst, src in zip(static_in, args):
             if isinstance(dst, torch.Tensor):
                 dst.copy_(src)
@@ -288,14 +290,14 @@ class StreamGraph:
     def _capture(self, args):
         caller = torch.cuda.current_stream()
         static_in = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        # capture needs a non-default stream (the engine's main stream is the default one); the
-        # graph then replays on whichever stream calls it. One stream per step for all its
-        # captures: cuBLAS keeps a workspace for every stream it has run on and never frees it, so
-        # a new stream per capture grew GPU memory by ~30 MB a new shape, until torch's pool of 32
-        # streams came round again (benchmarks/NOTES.md item 27)
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(caller.device)
-        stream = self.stream
+        # Capture needs a non-default stream (the engine's main stream is the default one); the
+        # graph then replays on whichever stream calls it. cuBLAS keeps a workspace per stream it
+        # runs on, so the streams are few and reused: a new stream per capture grew GPU memory by
+        # ~30 MB a new shape until torch's pool of 32 streams came round (benchmarks/NOTES.md
+        # item 27). And no two live graphs share one: torch versions that free a stream's
+        # workspaces when a graph captured on it is destroyed would pull them from under another
+        # live graph of that stream (pytorch/pytorch#193402). So at most keep + 1 streams a step.
+        stream = self.free_streams.pop() if self.free_streams else torch.cuda.Stream(caller.device)
         stream.wait_stream(caller)  # the static inputs are written
         graph = torch.cuda.CUDAGraph()
         # thread_local: the collector and writer threads may touch CUDA while this thread captures
@@ -303,7 +305,7 @@ class StreamGraph:
             static_out = self.fn(*static_in)
         caller.wait_stream(stream)
         log.debug("captured a CUDA graph for %s", [_signature(a) for a in args])
-        return graph, static_in, static_out
+        return graph, static_in, static_out, stream
 
 
 def _signature(arg):

@@ -123,8 +123,8 @@ def test_stream_graph_on_a_side_stream():
 
 
 def test_stream_graph_memory_is_bounded_over_many_shapes():
-    """Captures of ever new shapes, evicted beyond `keep`, do not grow GPU memory: each step
-    captures on one stream of its own (a new stream per capture grew it by cuBLAS's per-stream
+    """Captures of ever new shapes, evicted beyond `keep`, do not grow GPU memory: a step's
+    captures reuse its few streams (a new stream per capture grew it by cuBLAS's per-stream
     workspace until torch's pool of 32 streams came round again: the 110-clip run, NOTES 27)."""
     from stylize.optimize import StreamGraph
 
@@ -143,6 +143,36 @@ def test_stream_graph_memory_is_bounded_over_many_shapes():
         allocated.append(torch.cuda.memory_allocated())
     assert len(graphed.graphs) == 2
     assert allocated[-1] - allocated[8] < 4 * 2**20, [a // 2**20 for a in allocated]
+
+
+def test_stream_graph_live_graphs_never_share_a_capture_stream():
+    """Shapes A, B, C, A, D, B ... with keep=2: after every eviction the live graphs replay what
+    eager gives, no two live graphs were captured on one stream (torch versions that free a
+    stream's cuBLAS workspaces with a graph of it would break the other: pytorch/pytorch#193402),
+    and the streams are reused (keep + 1 at most)."""
+    from stylize.optimize import StreamGraph, _signature
+
+    w = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
+
+    def step(x):
+        return torch.relu(x @ w) @ w
+
+    graphed = StreamGraph(step, keep=2)
+    xs = {n: torch.randn(n, 512, device="cuda", dtype=torch.bfloat16) for n in (8, 16, 24, 32)}
+    streams = set()
+    for n in (8, 16, 24, 8, 32, 16, 8, 24, 32, 16, 8, 8, 24, 24, 32, 32):
+        for _ in range(2):
+            torch.testing.assert_close(graphed(xs[n]), step(xs[n]))
+            for live in list(graphed.graphs.values()):  # every live graph, replayed directly
+                live[0].replay()
+            for x in xs.values():
+                if (_signature(x),) in graphed.graphs:
+                    torch.testing.assert_close(graphed(x), step(x))
+        live_streams = [entry[-1] for entry in graphed.graphs.values()]
+        assert len(set(live_streams)) == len(live_streams)
+        streams.update(live_streams)
+    torch.cuda.synchronize()
+    assert len(graphed.graphs) == 2 and len(streams) <= 3
 
 
 def test_full_size_fast_te_and_engine_in_bf16(cuda_full):

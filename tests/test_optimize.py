@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from stylize.config import EngineConfig, PipelineConfig
@@ -37,6 +39,41 @@ def test_stream_graph_signature_follows_shapes_and_buffer_addresses():
     assert _signature(x.t()) != before[1]  # same shape, other strides
     m.register_buffer("w", torch.zeros(4))
     assert _signature(m) != before[0]
+
+
+def test_stream_graph_gives_each_live_graph_its_own_capture_stream(monkeypatch):
+    """StreamGraph's bookkeeping with CUDA stood in for: no two live graphs were captured on one
+    stream (pytorch/pytorch#193402: a destroyed graph may take its stream's cuBLAS workspaces
+    with it), an evicted graph's stream is taken again, so a step never has more than keep + 1
+    (each stream keeps a cuBLAS workspace: NOTES 27). The replays themselves are GPU tests."""
+    import contextlib
+
+    from stylize import optimize
+
+    made = []
+
+    class Stream:
+        def __init__(self, device=None):
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(device=None, wait_stream=lambda s: None))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    graphed = optimize.StreamGraph(lambda x: x * 2, keep=2)
+    for n in (1, 2, 3, 1, 4, 2, 5, 6, 1, 7, 8, 2, 3):
+        for _ in range(3):  # eager, capture, replay
+            graphed(torch.zeros(n))
+        live = [entry[-1] for entry in graphed.graphs.values()]
+        assert len(set(map(id, live))) == len(live) == min(2, len(live))
+    assert len(made) == 3 and len(graphed.graphs) == 2
 
 
 def test_graph_steps_are_a_no_op_off_cuda(tiny_stack):
