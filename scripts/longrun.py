@@ -81,7 +81,8 @@ AUDIO_RATE = 44100
 # the clips mode's sizes (width, height) at a long side of 256, scaled to --clip-size: landscape,
 # portrait, 3:2, wide (at --size 256: worked at 256x128, 128x256, 256x160, 256x96)
 CLIP_SIZES = ((256, 144), (144, 256), (240, 160), (256, 96))
-METRICS = ("rss_mib", "rss_trimmed_mib", "gpu_allocated_mib", "gpu_reserved_mib", "threads", "os_threads", "fds")
+METRICS = ("rss_mib", "rss_trimmed_mib", "pinned_mib", "gpu_allocated_mib", "gpu_reserved_mib", "threads", "os_threads",
+           "fds")  # fmt: skip
 TRIM = False  # --trim: each sample also gives RSS after glibc's malloc_trim(0)
 
 
@@ -121,6 +122,9 @@ def sample(**where) -> dict:
     if torch is not None and torch.cuda.is_initialized():
         row["gpu_allocated_mib"] = round(torch.cuda.memory_allocated() / 2**20, 1)
         row["gpu_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20, 1)
+        if hasattr(torch.cuda, "host_memory_stats"):  # pinned host blocks, in use and cached (part of RSS)
+            pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+            row["pinned_mib"] = round(pinned / 2**20, 1)
     row.update(threads=threading.active_count(), os_threads=os_threads(), fds=len(os.listdir("/proc/self/fd")))
     return row
 
@@ -423,7 +427,7 @@ def series(result: dict) -> tuple[str, list, dict, list]:
     rows = [r for r in result["samples"] if r.get(key) is not None and (frames or r[key] >= 1)]
     xs = [r[key] for r in rows]
     panels = [
-        {m: [r.get(m) for r in rows] for m in ("rss_mib", "rss_trimmed_mib", "gpu_allocated_mib", "gpu_reserved_mib") if m in rows[0]},
+        {m: [r.get(m) for r in rows] for m in METRICS[:5] if m in rows[0]},
         {m: [r[m] for r in rows] for m in ("threads", "os_threads", "fds")},
     ]
     s = result.get("summary", {})
