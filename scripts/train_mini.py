@@ -347,7 +347,13 @@ def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device
             boundary = step % args.save_every == 0 or step == total or stage_at_or_end(plan, step) != index
             if out_of_time or boundary or (args.steps is not None and done_here >= args.steps):
                 chunk["vae_psnr"] = vae_psnr(m, batches, device)
-                print(json.dumps({"step": step, "vae_psnr_256": chunk["vae_psnr"]}), flush=True)
+                line = {"step": step, "vae_psnr_256": chunk["vae_psnr"]}
+                if stage.name != "vae":  # the U-Net stages: what the model does, held out
+                    chunk["edit_psnr"] = line["edit_psnr_256"] = edit_psnr(m, batches, device)
+                print(json.dumps(line), flush=True)
+                if args.log:
+                    with open(args.log, "a") as f:
+                        f.write(json.dumps(line) + "\n")
                 record = save(m, optimizer, params, record, chunk, step, plan, losses, t_start, args.out)
                 losses = []  # their means are in the chunk's record now
             if out_of_time:
@@ -468,6 +474,9 @@ def default_workers(args, device) -> int:
     return max(1, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0
 
 
+HELD_OUT_SEED = 10**6  # the crops of vae_psnr and edit_psnr: never a training step's
+
+
 @torch.no_grad()
 def vae_psnr(m: Mini, batches: Batches, device) -> float:
     """The VAE's round trip of 16 fixed 256 px photo crops (not a training step's), in dB: the
@@ -475,7 +484,7 @@ def vae_psnr(m: Mini, batches: Batches, device) -> float:
     from stylize.train import mini_data
     from stylize.train.mini_steps import decode01, encode01
 
-    plan = mini_data.plan_step(10**6, 0, 0, batches.stills_hw, batches.prompts, 16, (256,))
+    plan = mini_data.plan_step(HELD_OUT_SEED, 0, 0, batches.stills_hw, batches.prompts, 16, (256,))
     x = mini_data.gpu_crops(batches.stills, plan)
     was = m.vae.training
     m.vae.eval()
@@ -483,6 +492,34 @@ def vae_psnr(m: Mini, batches: Batches, device) -> float:
         y = decode01(m.vae, encode01(m.vae, x)).float().clamp(0, 1)
     m.vae.train(was)
     return round(float(10 * torch.log10(1 / (y - x.float()).square().mean())), 2)
+
+
+@torch.no_grad()
+def edit_psnr(m: Mini, batches: Batches, device) -> dict:
+    """mini's one-step edit of fixed held-out 256 px crops, two a style (those with a teacher on
+    this device; the CPU-only one is left out), against the teacher's output: PSNR in dB, the
+    mean and per style. What the U-Net stages are making progress on, chunk by chunk."""
+    from stylize.train import mini_data
+    from stylize.train.mini_steps import edit01
+
+    styles = sorted(s for s in batches.prompts if batches.teachers[s] is not None)
+    if not styles:
+        return {}
+    prompts = {s: batches.prompts[s][:1] for s in styles}  # each preset's own prompt
+    plan = mini_data.plan_step(HELD_OUT_SEED, 1, 0, batches.stills_hw, prompts, 2 * len(styles), (256,))
+    x = mini_data.gpu_crops(batches.stills, plan)
+    y = mini_data.targets(batches.teachers, plan, x)
+    modes = {k: mod.training for k, mod in m.modules.items()}
+    for mod in m.modules.values():
+        mod.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = edit01(m, plan, x, torch.Generator(device).manual_seed(0))
+    for k, mod in m.modules.items():
+        mod.train(modes[k])
+    mse = (out - y.float()).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    db = 10 * torch.log10(1 / mse)
+    per = {s: round(float(db[plan.indices(s)].mean()), 2) for s in styles}
+    return {"mean": round(float(db.mean()), 2), **per}
 
 
 def stage_at_or_end(plan, step: int) -> int | None:

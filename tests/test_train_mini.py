@@ -173,6 +173,9 @@ def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch)
     _, meta = ckpt.load_checkpoint(out)
     assert meta["step"] == 5 and [c["end"] for c in meta["chunks"]] == [2, 5]
     assert meta["data"]["ids"] and meta["seed"] == 0 and meta["chunks"][0]["commit"] == "test"
+    held_out = meta["chunks"][-1]["edit_psnr"]  # the U-Net stages' held-out edit against the teachers
+    assert set(held_out) == {"mean", "sketch", "pixel-art"} and all(np.isfinite(v) for v in held_out.values())
+    assert "edit_psnr" not in meta["chunks"][0]  # the vae stage has no edit yet
 
     folder = tmp_path / "mini"
     assert train_mini.main([*common, "--resume", str(out), "--export", str(folder)]) == 0

@@ -156,10 +156,7 @@ def step_loss(stage: Stage, m: Mini, plan, x: torch.Tensor, y: torch.Tensor, gen
         return {"loss": loss, "latent_rms": z.float().square().mean().sqrt().detach()}
     with torch.no_grad():
         source, target = encode01(m.vae, x), encode01(m.vae, y)
-    te_size = m.cfg.te_image_size
-    tokens, positions = zip(*(m.tokens(p) for p in plan.prompts))
-    frames = resize(x, (te_size, te_size))
-    states, mask = mini.encode_prompts(m.te, list(tokens), frames, m.cfg.hidden_states, list(positions))
+    states, mask = condition(m, plan, x)
     noise = torch.randn(target.shape, generator=gen, device=gen.device).to(x.device)
     if stage.name == "latent":
         u = torch.rand(b, generator=gen, device=gen.device).to(x.device)
@@ -168,13 +165,37 @@ def step_loss(stage: Stage, m: Mini, plan, x: torch.Tensor, y: torch.Tensor, gen
     else:
         sigma = torch.ones(b, device=x.device)
     x_t = (1 - sigma.view(-1, 1, 1, 1)) * target + sigma.view(-1, 1, 1, 1) * noise
-    time_ids = torch.tensor([[s, s]], device=x.device, dtype=x.dtype).expand(b, -1)
-    v = velocity(m.unet, x_t, source, sigma * 1000, states, mask, time_ids).float()
+    v = velocity(m.unet, x_t, source, sigma * 1000, states, mask, _time_ids(x)).float()
     latent_mse = (v - (noise - target).float()).square().mean()
     if stage.name == "latent":
         return {"loss": latent_mse}
     pix = pixel_loss(decode01(m.vae, noise - v), y)
     return {"loss": pix + LATENT_WEIGHT * latent_mse, "pixel": pix.detach(), "latent": latent_mse.detach()}
+
+
+def condition(m: Mini, plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text encoder's states and mask for each sample's prompt, looking at its crop."""
+    te_size = m.cfg.te_image_size
+    tokens, positions = zip(*(m.tokens(p) for p in plan.prompts))
+    frames = resize(x, (te_size, te_size))
+    return mini.encode_prompts(m.te, list(tokens), frames, m.cfg.hidden_states, list(positions))
+
+
+def _time_ids(x: torch.Tensor) -> torch.Tensor:
+    s = x.shape[-1]
+    return torch.tensor([[s, s]], device=x.device, dtype=x.dtype).expand(x.shape[0], -1)
+
+
+@torch.no_grad()
+def edit01(m: Mini, plan, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """mini's one-step edit of crops x (B, 3, S, S) in [0, 1], as stylize runs it: from pure noise
+    (sigma 1) beside the source latent, one velocity, decoded; RGB float in [0, 1]."""
+    source = encode01(m.vae, x)
+    states, mask = condition(m, plan, x)
+    noise = torch.randn(source.shape, generator=gen, device=gen.device).to(x.device)
+    sigma = torch.full((x.shape[0],), 1000.0, device=x.device)
+    v = velocity(m.unet, noise, source, sigma, states, mask, _time_ids(x))
+    return decode01(m.vae, noise - v).float().clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------------- data
