@@ -5,6 +5,7 @@
     python scripts/train_mini.py --resume CKPT --export stylize/weights/mini    # here, on the CPU, at the end
     python scripts/train_mini.py --device cpu --steps 3 --size 64              # a smoke run
     python scripts/train_mini.py --device cpu --bench 384x384,512x512 [--resume CKPT]   # CPU fps
+    python scripts/train_mini.py --resume CKPT --eval                           # held-out VAE and edit PSNR
 
 ## On the GPU machine (torch 2.11, transformers 5.17; no diffusers, no scikit-image)
 
@@ -236,6 +237,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log", type=Path, default=None, help="also append JSON lines of the log here")
     ap.add_argument("--commit", default=None, help="the commit trained (default: git rev-parse HEAD)")
     ap.add_argument("--count-ops", action="store_true", help="count the ops of one step per stage and exit")
+    ap.add_argument("--eval", action="store_true",
+                    help="with --resume: print the held-out VAE round trip and one-step edit PSNR and exit")  # fmt: skip
     ap.add_argument("--profile", action="store_true",
                     help="time the parts of a step of each stage (batch, forward, backward, optimiser) and exit")
     ap.add_argument(
@@ -291,7 +294,7 @@ def main(argv=None) -> int:
         tensors, stored = ckpt.load_checkpoint(args.resume)
         # exporting or timing needs the same model; training on needs the same run too
         same = ("config_sha256", "tokenizer_sha256")
-        for key in same if (args.export or args.bench) else (*same, "seed", "plan", "styles", "data"):
+        for key in same if (args.export or args.bench or args.eval) else (*same, "seed", "plan", "styles", "data"):
             if key == "plan":  # compared as Stages: a field added since (with its default) is no change
                 same_plan = stages(stored["plan"]) == stages(record["plan"])
                 if same_plan or (args.plan and replans(stored["plan"], record["plan"], stored["step"])):
@@ -302,6 +305,8 @@ def main(argv=None) -> int:
         ckpt.restore_modules(m.modules, tensors)
     if args.export:
         return export(m, record, args.export)
+    if args.eval:
+        return evaluate(m, record, styles, args, device)
     if args.bench:
         return bench(m, record, args, device)
     if args.count_ops:
@@ -472,6 +477,18 @@ def default_workers(args, device) -> int:
     if args.workers is not None:
         return args.workers
     return max(1, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0
+
+
+def evaluate(m: Mini, record: dict, styles, args, device) -> int:
+    """--eval: the checkpoint's held-out figures, the ones a training chunk logs at each save."""
+    batches = Batches(train_data.load_stills(), styles, stages(record["plan"]), args.seed, device, 0, 1)
+    try:
+        line = {"step": record["step"], "vae_psnr_256": vae_psnr(m, batches, device),
+                "edit_psnr_256": edit_psnr(m, batches, device)}  # fmt: skip
+    finally:
+        batches.close()
+    print(json.dumps(line), flush=True)
+    return 0
 
 
 HELD_OUT_SEED = 10**6  # the crops of vae_psnr and edit_psnr: never a training step's

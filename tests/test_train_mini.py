@@ -151,7 +151,7 @@ def test_checkpoint_budget_and_restore(tmp_path):
     opt2.step()  # the restored state is a working AdamW state
 
 
-def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch):
+def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch, capsys):
     """Two steps, a checkpoint, a resume through the end of all three stages (a mid-stage resume
     restores the optimiser), an export in diffusers layout that load_stack reads as `mini`. On
     three made-up crops: a fresh clone (CI) has no prepared .data/."""
@@ -176,6 +176,10 @@ def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch)
     held_out = meta["chunks"][-1]["edit_psnr"]  # the U-Net stages' held-out edit against the teachers
     assert set(held_out) == {"mean", "sketch", "pixel-art"} and all(np.isfinite(v) for v in held_out.values())
     assert "edit_psnr" not in meta["chunks"][0]  # the vae stage has no edit yet
+    capsys.readouterr()
+    assert train_mini.main([*common, "--resume", str(out), "--eval"]) == 0  # the same figures, on demand
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["step"] == 5 and line["edit_psnr_256"] == held_out
 
     folder = tmp_path / "mini"
     assert train_mini.main([*common, "--resume", str(out), "--export", str(folder)]) == 0
