@@ -148,7 +148,7 @@ def decode01(vae, z: torch.Tensor) -> torch.Tensor:
 
 def step_loss(stage: Stage, m: Mini, plan, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
     """The stage's loss on one batch: crops x and teacher outputs y, (B, 3, S, S) float in [0, 1]."""
-    b, _, s, _ = x.shape
+    b = x.shape[0]
     if stage.name == "vae":
         images = torch.cat([x, y])
         z = encode01(m.vae, images)
