@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 
 # A test run started in the background of a non-interactive shell (`make test &`) inherits SIGINT
-# ignored, and so would every process the tests start: the signal tests could not interrupt them,
-# and stylize rightly keeps a signal ignored that it was started with. Give the session the
-# disposition a terminal gives (its children start with the default); the tests of an ignored
-# signal set it themselves.
+# ignored, one under `nohup` SIGHUP, and so would every process the tests start: the signal tests
+# could not interrupt them, and stylize rightly keeps a signal ignored that it was started with.
+# Give the session the dispositions a terminal gives (its children start with the defaults); the
+# tests of an ignored signal set it themselves.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+for _sig in (signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_sig) == signal.SIG_IGN:
+        signal.signal(_sig, signal.SIG_DFL)
 
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
