@@ -17,29 +17,25 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from diffusers import AutoencoderTiny
 
-from stylize.train import data as train_data, metrics, mini, mini_data
+from stylize.train import metrics
 from stylize.train.mini_steps import decode01, encode01, pixel_loss
+
+from samples import StyleSamples
 
 torch.set_num_threads(1)
 folder, style, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 widths = [int(w) for w in sys.argv[4].split(",")]
 trained = AutoencoderTiny.from_pretrained(folder / "vae").float().eval()
-stills = train_data.load_stills()
-hw = [s.shape[:2] for s in stills]
-st = [torch.from_numpy(np.array(s)) for s in stills]
-teacher = {style: mini_data.torch_teacher(style, "cpu")}
-prompts = {style: mini.style_prompts(style)}
+samples = StyleSamples(style)
 
 
-def batch(seed, step, n, side=128):
-    p = mini_data.plan_step(seed, 0, step, hw, prompts, n * (side / 256) ** 2, (side,))
-    return mini_data.targets(teacher, p, mini_data.gpu_crops(st, p))
+def batch(seed, step, n):
+    return samples(seed, step, n)[2]
 
 
 with torch.no_grad():

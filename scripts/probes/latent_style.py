@@ -15,13 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from stylize.config import model_config
-from stylize.train import checkpoint as ckpt, data as train_data, mini, mini_data
+from stylize.train import checkpoint as ckpt, mini
 from stylize.train.mini_steps import Mini, Stage, edit01, optimizer_for, step_loss
+
+from samples import StyleSamples
 
 torch.set_num_threads(1)
 path, style, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -33,17 +34,7 @@ params = m.trainable(stage)
 opt = optimizer_for(params, torch.device("cpu"))
 for g in opt.param_groups:
     g["lr"] = stage.lr
-stills = train_data.load_stills()
-hw = [s.shape[:2] for s in stills]
-st = [torch.from_numpy(np.array(s)) for s in stills]
-teacher = {style: mini_data.torch_teacher(style, "cpu")}
-prompts = {style: mini.style_prompts(style)}
-
-
-def batch(seed, step, n, side=128):
-    p = mini_data.plan_step(seed, 1, step, hw, prompts, n * (side / 256) ** 2, (side,))
-    x = mini_data.gpu_crops(st, p)
-    return p, x, mini_data.targets(teacher, p, x)
+batch = StyleSamples(style, stage=1)
 
 
 held = [batch(99, k, 8) for k in range(2)]  # 16 held-out crops and their teacher outputs

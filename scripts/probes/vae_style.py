@@ -14,25 +14,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from diffusers import AutoencoderTiny
-from stylize.train import data as train_data, mini, mini_data
+from samples import StyleSamples
 from stylize.train.mini_steps import pixel_loss, encode01, decode01
 torch.set_num_threads(2)
 folder, style, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 vae = AutoencoderTiny.from_pretrained(folder / "vae").float()
-stills = train_data.load_stills()
-hw = [s.shape[:2] for s in stills]
-st = [torch.from_numpy(np.array(s)) for s in stills]
-teacher = mini_data.torch_teacher(style, "cpu")
-prompts = {style: mini.style_prompts(style)}
-def batch(seed, step, n, side=128):
-    p = mini_data.plan_step(seed, 0, step, hw, prompts, n * (side / 256) ** 2, (side,))
-    x = mini_data.gpu_crops(st, p)
-    return mini_data.targets({style: teacher}, p, x)
+samples = StyleSamples(style)
+def batch(seed, step, n):
+    return samples(seed, step, n)[2]
 held = torch.cat([batch(99, k, 8) for k in range(2)])  # 16 held-out teacher outputs
 def psnr():
     vae.eval()
