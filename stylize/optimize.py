@@ -217,8 +217,9 @@ def graph_steps(steps: Steps, device: torch.device, side_graphs: bool = True, ke
     """`steps` replayed as CUDA graphs captured from their eager code, nothing compiled: each step
     a `StreamGraph` (the first call of a shape runs eager and warms up, the second captures, later
     ones copy their inputs in and replay: one launch where the eager U-Net issues hundreds); the
-    Euler update is inside the U-Net's graph (`Steps.denoise`, its step size a tensor input). `keep`: shapes whose graphs (and memory pools) each step keeps, the most recent.
-    A no-op off CUDA."""
+    Euler update is inside the U-Net's graph (`Steps.denoise`, its step size a tensor input).
+    `keep`: shapes whose graphs (and memory pools) each step keeps, the most recent. A no-op off
+    CUDA."""
     if device.type != "cuda":
         return steps
     side = (lambda fn: StreamGraph(fn, keep)) if side_graphs else (lambda fn: fn)

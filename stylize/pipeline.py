@@ -187,8 +187,9 @@ def stylize_video(
     stylizer.prepare(in_hw, status)  # one-time per frame size (compile), before any frame is decoded
     prepared = time.perf_counter()
     total = info.frames if chunk is None else chunk.stop - chunk.start
-    part = {} if chunk is None else {"audio": False, "keep": True, "first_pts": chunk.first_pts}
-    with VideoWriter(dst, target, crf=out.crf, preset=out.preset, **{"audio": out.audio, **part}) as writer:
+    # a chunk: no audio (the join adds it), kept at its hidden name, its pts shifted as the clip's
+    part = {"audio": out.audio} if chunk is None else {"audio": False, "keep": True, "first_pts": chunk.first_pts}
+    with VideoWriter(dst, target, crf=out.crf, preset=out.preset, **part) as writer:
         output = _Output(writer, total, on_progress)
         if chunk is None:
             stylizer.reset(sink=output)
