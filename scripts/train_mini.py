@@ -232,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--styles", default=None, help="comma-separated styles (default: every preset with a teacher)")
     ap.add_argument("--workers", type=int, default=None, help="anime worker processes (0: in this process)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="the U-Net and the VAE in channels_last (CUDA: PyTorch gives bf16 depthwise "
+                    "convolutions to cuDNN only in that layout; NOTES 34)")  # fmt: skip
     ap.add_argument("--save-every", type=int, default=2000)
     ap.add_argument("--log-every", type=int, default=None)
     ap.add_argument("--log", type=Path, default=None, help="also append JSON lines of the log here")
@@ -303,6 +306,9 @@ def main(argv=None) -> int:
                 sys.exit(f"train_mini.py: {args.resume} was trained with another {key}; start afresh or match it")
         record = {"fit": None, **stored, "plan": record["plan"]}
         ckpt.restore_modules(m.modules, tensors)
+    if args.channels_last:  # before any optimiser exists: its moments take the parameters' layout
+        for module in (m.unet, m.vae):
+            module.to(memory_format=torch.channels_last)
     if args.export:
         return export(m, record, args.export)
     if args.eval:
@@ -326,7 +332,7 @@ def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device
     log_every = args.log_every or (100 if device.type == "cuda" else 1)
     budget_s = args.minutes * 60 - 20  # the final save and the return of the file
     chunk = {"start": step, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-             "commit": commit(args.commit), "losses": {}}  # fmt: skip
+             "commit": commit(args.commit), "channels_last": args.channels_last, "losses": {}}  # fmt: skip
     stage_index, optimizer, params, losses, t_start = None, None, {}, [], time.monotonic()
     done_here = 0
     try:

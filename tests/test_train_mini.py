@@ -151,6 +151,27 @@ def test_checkpoint_budget_and_restore(tmp_path):
     opt2.step()  # the restored state is a working AdamW state
 
 
+def test_restored_moments_take_a_channels_last_parameters_layout(tmp_path):
+    """train_mini --channels-last: a conv weight in channels_last gets its second moment in the same
+    layout, entry for entry (fused AdamW walks the storage; a contiguous moment beside a
+    channels_last weight would pair the wrong entries)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3)
+    params = {f"c.{n}": p for n, p in conv.named_parameters()}
+    opt = torch.optim.AdamW(conv.parameters(), lr=1e-3)
+    conv(torch.randn(2, 8, 6, 6)).square().mean().backward()
+    opt.step()
+    tensors = {**ckpt.weight_tensors({"c": conv}), **ckpt.moment_tensors(opt, params, 32)}
+    twin = torch.nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+    twin_params = {f"c.{n}": p for n, p in twin.named_parameters()}
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=1e-3)
+    ckpt.restore_optimizer(opt2, twin_params, tensors, 32, step=1)
+    w = opt2.state[twin.weight]["exp_avg_sq"]
+    assert w.stride() == twin.weight.stride() != conv.weight.stride()
+    expect = tensors["v.c.weight"].float().square().repeat_interleave(32)[: w.numel()].view_as(w)
+    torch.testing.assert_close(w, expect)  # each logical entry its own block's value
+
+
 def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch, capsys):
     """Two steps, a checkpoint, a resume through the end of all three stages (a mid-stage resume
     restores the optimiser), an export in diffusers layout that load_stack reads as `mini`. On

@@ -132,7 +132,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.
         optimizer.state[p] = {
             "step": torch.tensor(float(step), dtype=torch.float32, device=p.device if fused else "cpu"),
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": sq.to(p.dtype),
+            # in p's own memory format: fused AdamW walks the storage, so a channels_last p needs
+            # channels_last moments
+            "exp_avg_sq": torch.empty_like(p, memory_format=torch.preserve_format).copy_(sq),
         }
         restored += 1
     return restored
