@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -224,12 +225,36 @@ def stylize_video(
 def run_job(job, stylizer: Stylizer, out: OutputConfig = OutputConfig(),
             on_progress: Callable[[Progress], None] | None = None) -> RunStats:  # fmt: skip
     """One `jobs.Job`: a still (stills.stylize_still) or a clip (stylize_video), as every run
-    drives it (the CLI in one process, each worker of workers.py)."""
-    if job.still:
-        from .stills import stylize_still
+    drives it (the CLI in one process, each worker of workers.py). Afterwards, done or failed,
+    the C heap's freed pages go back to the OS (`return_freed_heap`)."""
+    try:
+        if job.still:
+            from .stills import stylize_still
 
-        return stylize_still(job.src, job.dst, stylizer, on_progress)
-    return stylize_video(job.src, job.dst, stylizer, out, on_progress)
+            return stylize_still(job.src, job.dst, stylizer, on_progress)
+        return stylize_video(job.src, job.dst, stylizer, out, on_progress)
+    finally:
+        return_freed_heap()
+
+
+@functools.cache
+def _libc_trim() -> Callable[[int], int] | None:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to hand back this way
+        return None
+
+
+def return_freed_heap() -> None:
+    """glibc's malloc keeps the pages a clip freed (its decode and encode buffers, a CUDA graph
+    capture's host side) for reuse, and a folder of clips of many shapes fragments them: RSS grew
+    6.3% over 105 clips on the H200 without this and 0.3% with it after each clip (NOTES 35).
+    malloc_trim(0) returns them; it takes about a millisecond. A no-op without glibc."""
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextlib.contextmanager

@@ -53,3 +53,34 @@ def test_out_of_memory_message():
     )
     still = PipelineConfig(prompt="x", size=1024, batch_size=1)  # a run of stills: no batch to lower
     assert out_of_memory_message(still, None) == "out of GPU memory: lower --size (now 1024)"
+
+
+def test_each_clip_hands_its_freed_heap_back_failed_or_not(tmp_path, monkeypatch):
+    """After every clip, the one that ran out of memory too, glibc's freed pages go back to the OS
+    (pipeline.return_freed_heap): a folder's RSS then stays flat (NOTES 35)."""
+    from stylize import pipeline
+
+    write_clip(tmp_path / "a.mp4", frames=4)
+    write_clip(tmp_path / "b.mp4", frames=4)
+    trims = []
+    monkeypatch.setattr(pipeline, "_libc_trim", lambda: trims.append)
+    denoise = ReferenceStylizer.denoise
+    calls = []
+
+    def first_short_of_memory(self, x01_bchw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError(TORCH_SAYS)
+        return denoise(self, x01_bchw)
+
+    monkeypatch.setattr(ReferenceStylizer, "denoise", first_short_of_memory)
+    r = CliRunner().invoke(run_app, [str(tmp_path), *FAST], catch_exceptions=False)
+    assert r.exit_code == 1 and video.probe(tmp_path / "b_oil.mp4").frames == 4
+    assert trims == [0, 0]  # malloc_trim(0) once a clip
+
+
+def test_return_freed_heap_is_safe_without_glibc(monkeypatch):
+    from stylize import pipeline
+
+    monkeypatch.setattr(pipeline, "_libc_trim", lambda: None)
+    pipeline.return_freed_heap()  # nothing to call, nothing raised
