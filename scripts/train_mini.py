@@ -235,6 +235,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--channels-last", action="store_true",
                     help="the U-Net and the VAE in channels_last (CUDA: PyTorch gives bf16 depthwise "
                     "convolutions to cuDNN only in that layout; NOTES 34)")  # fmt: skip
+    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                    help="cuDNN's per-shape tuning on CUDA (--no-cudnn-benchmark: its heuristics, no tuning)")  # fmt: skip
+    ap.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
+                    help="a new run (no --resume file yet) starts from this checkpoint's weights wherever "
+                    "their names and shapes match mini's config, e.g. after a U-Net config change; with "
+                    "--plan vae=0,... when its VAE is the one to keep (recorded as init_from)")  # fmt: skip
     ap.add_argument("--save-every", type=int, default=2000)
     ap.add_argument("--log-every", type=int, default=None)
     ap.add_argument("--log", type=Path, default=None, help="also append JSON lines of the log here")
@@ -267,7 +273,9 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     if device.type == "cpu" and (args.threads or not args.bench):
         torch.set_num_threads(args.threads or 1)  # on a shared CPU two threads wait on each other (data/teachers.md)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # three crop sides, three batch shapes: tuned once each
+    # cuDNN's tuning runs once a shape a process: each chunk pays it again, ~100 s of 480 in the
+    # latent stage (its batch shapes vary with the side and the reuse window; NOTES 34)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and args.cudnn_benchmark
     styles = args.styles.split(",") if args.styles else mini.mini_styles()
     # the CPU (smoke runs, tests) takes one sample of each style a step unless told otherwise
     batch = args.batch or (len(styles) if device.type == "cpu" else None)
@@ -293,6 +301,9 @@ def main(argv=None) -> int:
         "data": data_record(), "chunks": [], "step": 0, "fit": fit,
     })  # fmt: skip
     tensors = None
+    if args.init_from and not resuming:
+        record["init_from"] = warm_start(m, args.init_from)
+        print(json.dumps({"init_from": {k: v for k, v in record["init_from"].items() if k != "fresh"}}), flush=True)
     if resuming:
         tensors, stored = ckpt.load_checkpoint(args.resume)
         # exporting or timing needs the same model; training on needs the same run too
@@ -322,6 +333,16 @@ def main(argv=None) -> int:
     return train(m, plan, total, record, tensors, styles, args, device)
 
 
+def warm_start(m: Mini, path: Path) -> dict:
+    """--init-from: the checkpoint's weights where they fit; what was copied, for the record."""
+    tensors, stored = ckpt.load_checkpoint(path)
+    which = ckpt.restore_matching(m.modules, tensors)
+    per = {c: sum(n.startswith(c + ".") for n in which["copied"]) for c in m.modules}
+    return {"file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "step": stored["step"],
+            "config_sha256": stored["config_sha256"], "copied": per,
+            "fresh": sorted({n.rsplit(".", 1)[0] for n in which["fresh"]})}  # fmt: skip
+
+
 def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device) -> int:
     step = record["step"]
     if step >= total:
@@ -332,7 +353,8 @@ def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device
     log_every = args.log_every or (100 if device.type == "cuda" else 1)
     budget_s = args.minutes * 60 - 20  # the final save and the return of the file
     chunk = {"start": step, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-             "commit": commit(args.commit), "channels_last": args.channels_last, "losses": {}}  # fmt: skip
+             "commit": commit(args.commit), "channels_last": args.channels_last,
+             "cudnn_benchmark": args.cudnn_benchmark, "losses": {}}  # fmt: skip
     stage_index, optimizer, params, losses, t_start = None, None, {}, [], time.monotonic()
     done_here = 0
     try:
@@ -584,7 +606,8 @@ def export(m: Mini, record: dict, folder: Path) -> int:
         print(f"train_mini.py: warning: exporting after {record['step']} of {total} steps", file=sys.stderr)
     meta = {
         k: record.get(k)
-        for k in ("seed", "step", "plan", "fit", "styles", "config_sha256", "tokenizer_sha256", "data", "chunks")
+        for k in ("seed", "step", "plan", "fit", "init_from", "styles", "config_sha256", "tokenizer_sha256", "data",
+                  "chunks")
     }
     mini.save_mini(folder, m.unet, m.vae, m.te_full, m.tokenizer, meta)
     size = mini.weights_bytes(folder)

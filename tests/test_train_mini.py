@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import importlib.util
 import json
 import sys
@@ -170,6 +171,46 @@ def test_restored_moments_take_a_channels_last_parameters_layout(tmp_path):
     assert w.stride() == twin.weight.stride() != conv.weight.stride()
     expect = tensors["v.c.weight"].float().square().repeat_interleave(32)[: w.numel()].view_as(w)
     torch.testing.assert_close(w, expect)  # each logical entry its own block's value
+
+
+def test_restore_matching_copies_what_fits_and_names_the_rest():
+    """A warm start after a config change: weights whose name and shape match are copied, the others
+    keep their initialisation and are named."""
+    torch.manual_seed(0)
+    old = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    new = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3), torch.nn.Linear(3, 1))
+    fresh_1 = new[1].weight.detach().clone()
+    which = ckpt.restore_matching({"n": new}, ckpt.weight_tensors({"n": old}))
+    assert which == {"copied": ["n.0.weight", "n.0.bias"],
+                     "fresh": ["n.1.weight", "n.1.bias", "n.2.weight", "n.2.bias"]}  # fmt: skip
+    torch.testing.assert_close(new[0].weight, old[0].weight.half().float(), rtol=0, atol=0)
+    assert torch.equal(new[1].weight, fresh_1)
+
+
+def test_init_from_starts_a_new_run_from_another_checkpoint(train_mini, tmp_path, one_thread, monkeypatch, capsys):
+    """--init-from: a new run (here with the VAE stage skipped, vae=0) takes the other checkpoint's
+    weights where they fit, starts at step 0 of its own plan, and records where it came from."""
+    from stylize.train import data as train_data
+    from tests.test_data import _fake_prepared
+
+    crops, manifest = _fake_prepared(tmp_path)
+    real_stills, real_items = train_data.load_stills, train_data.train_items
+    monkeypatch.setattr(train_data, "load_stills", lambda *a, **k: real_stills(crops, manifest, tmp_path / "train.txt"))
+    monkeypatch.setattr(train_data, "train_items", lambda *a, **k: real_items(manifest, tmp_path / "train.txt"))
+    common = ["--device", "cpu", "--size", "64", "--batch", "2", "--styles", "sketch,pixel-art", "--commit", "test"]
+    first = tmp_path / "first.safetensors"
+    assert train_mini.main([*common, "--plan", "vae=2,latent=1,pixels=1", "--steps", "2", "--out", str(first)]) == 0
+    old, old_meta = ckpt.load_checkpoint(first)
+    out = tmp_path / "warm.safetensors"
+    argv = [*common, "--plan", "vae=0,latent=1,pixels=1", "--init-from", str(first), "--steps", "1", "--out", str(out)]
+    assert train_mini.main(argv) == 0
+    tensors, meta = ckpt.load_checkpoint(out)
+    assert meta["step"] == 1 and meta["chunks"][-1]["start"] == 0
+    assert meta["init_from"]["step"] == 2 and meta["init_from"]["fresh"] == []
+    assert meta["init_from"]["file_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert meta["plan"][0]["steps"] == 0 and "edit_psnr" in meta["chunks"][-1]  # straight into the latent stage
+    # the latent stage leaves the VAE alone: it is the one warm-started from
+    torch.testing.assert_close(tensors["w.vae.encoder.layers.0.weight"], old["w.vae.encoder.layers.0.weight"])
 
 
 def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch, capsys):

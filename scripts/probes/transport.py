@@ -13,7 +13,7 @@ decode(noise - v) against decode(E(x)) (the VAE's own round trip, so 100% transp
     python scripts/probes/transport.py .carry/mini2/ckpt-v2.safetensors attn2 300
 
 variants: base (mini.yaml as is), attn2 (self-attention at the middle level too, down and up),
-attn12 (at every level but the top up block), twolevel (two levels: the lowest at 1/2).
+up12 (in the up path at every level), attn12 (at every level, down and up).
 """
 
 import json
@@ -35,6 +35,10 @@ VARIANTS = {
     "attn2": {
         "down_block_types": ["CrossAttnDownRemoveSelfAttnBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    },
+    "up12": {  # self-attention in the up path only, every level: the queries there carry the coarse
+        # content the lowest level moved, which can find the source's detailed keys by content
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     },
     "attn12": {
         "down_block_types": ["CrossAttnDownBlock2D"] * 3,

@@ -15,6 +15,7 @@ What it holds, and why that fits:
     save_checkpoint(path, modules, optimizer, params, meta)     # raises CheckpointTooLarge
     tensors, meta = load_checkpoint(path)
     restore_modules(modules, tensors); restore_optimizer(optimizer, params, tensors)
+    restore_matching(modules, tensors)       # another config's checkpoint: what matches, for a warm start
 """
 
 from __future__ import annotations
@@ -116,6 +117,23 @@ def restore_modules(modules: dict[str, torch.nn.Module], tensors: dict[str, torc
         with torch.no_grad():
             for name, t in own.items():
                 t.copy_(state[name].to(t.dtype))
+
+
+def restore_matching(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """A new model's warm start from another config's checkpoint: copy every stored weight whose
+    name and shape match, leave the rest as initialised. Returns {"copied": [...], "fresh": [...]}
+    (`<component>.<name>`), for the record."""
+    copied, fresh = [], []
+    with torch.no_grad():
+        for comp, module in modules.items():
+            for name, t in module.state_dict().items():
+                stored = tensors.get(f"w.{comp}.{name}")
+                if stored is not None and stored.shape == t.shape:
+                    t.copy_(stored.to(t.dtype))
+                    copied.append(f"{comp}.{name}")
+                else:
+                    fresh.append(f"{comp}.{name}")
+    return {"copied": copied, "fresh": fresh}
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter],
