@@ -213,6 +213,28 @@ def test_init_from_starts_a_new_run_from_another_checkpoint(train_mini, tmp_path
     torch.testing.assert_close(tensors["w.vae.encoder.layers.0.weight"], old["w.vae.encoder.layers.0.weight"])
 
 
+def test_warm_start_zeroes_the_new_branches(train_mini, tmp_path):
+    """--init-from across a U-Net config change (self-attention added in the up path, as mini went
+    from DreamLite-mobile's layout to its own, NOTES 34): what matches is copied, and each added
+    residual branch's last layer starts at zero."""
+    cfg, tok = model_config("mini"), mini.build_mini_tokenizer()
+    removed = {**cfg.unet, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpRemoveSelfAttnBlock2DV1", "UpBlock2D"]}
+    old = train_mini.Mini(dataclasses.replace(cfg, unet=removed), tok, 0, torch.device("cpu"))
+    path = tmp_path / "old.safetensors"
+    ckpt.save_checkpoint(path, old.modules, None, {}, {"step": 7, "config_sha256": "old"})
+    new = train_mini.Mini(dataclasses.replace(cfg, unet={**cfg.unet, "up_block_types": ["CrossAttnUpBlock2D"] * 3}),
+                          tok, 1, torch.device("cpu"))  # fmt: skip
+    rec = train_mini.warm_start(new, path)
+    assert rec["step"] == 7 and rec["copied"]["vae"] == len(new.vae.state_dict())
+    assert rec["copied"]["text_encoder"] == len(new.te.state_dict())
+    branch = "unet.up_blocks.{}.attentions.{}.transformer_blocks.0.attn1.to_out.0.{}"
+    expect = {branch.format(b, a, w) for b in (1, 2) for a in (0, 1) for w in ("weight", "bias")}
+    expect |= {f"unet.up_blocks.2.attentions.{a}.proj_out.{w}" for a in (0, 1) for w in ("weight", "bias")}
+    assert set(rec["zeroed"]) == expect
+    assert all(not new.unet.get_parameter(n.split(".", 1)[1]).any() for n in expect)
+    torch.testing.assert_close(new.unet.conv_in.weight, old.unet.conv_in.weight.half().float(), rtol=0, atol=0)
+
+
 def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch, capsys):
     """Two steps, a checkpoint, a resume through the end of all three stages (a mid-stage resume
     restores the optimiser), an export in diffusers layout that load_stack reads as `mini`. On
