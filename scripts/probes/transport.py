@@ -12,8 +12,8 @@ decode(noise - v) against decode(E(x)) (the VAE's own round trip, so 100% transp
     python scripts/probes/transport.py .carry/mini2/ckpt-v2.safetensors base 300
     python scripts/probes/transport.py .carry/mini2/ckpt-v2.safetensors attn2 300
 
-variants: base (mini.yaml as is), attn2 (self-attention at the middle level too, down and up),
-up12 (in the up path at every level), attn12 (at every level, down and up).
+variants: base (DreamLite-mobile's layout, mini's until NOTES 34), attn2 (self-attention at the middle level too, down and up),
+up12 (in the up path at every level), up1 (in the top up block only), attn12 (at every level, down and up).
 """
 
 import json
@@ -31,7 +31,10 @@ from stylize.train import checkpoint as ckpt, data as train_data, mini_data
 from stylize.train.mini_steps import decode01, encode01
 
 VARIANTS = {
-    "base": {},
+    "base": {  # DreamLite-mobile's layout, as mini had it until NOTES 34
+        "down_block_types": ["CrossAttnDownRemoveSelfAttnBlock2D", "CrossAttnDownRemoveSelfAttnBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpRemoveSelfAttnBlock2DV1", "UpBlock2D"],
+    },
     "attn2": {
         "down_block_types": ["CrossAttnDownRemoveSelfAttnBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
@@ -39,6 +42,9 @@ VARIANTS = {
     "up12": {  # self-attention in the up path only, every level: the queries there carry the coarse
         # content the lowest level moved, which can find the source's detailed keys by content
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    "up1": {  # self-attention added in the top up block only (the others as DreamLite-mobile's)
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpRemoveSelfAttnBlock2DV1", "CrossAttnUpBlock2D"],
     },
     "attn12": {
         "down_block_types": ["CrossAttnDownBlock2D"] * 3,
