@@ -10,10 +10,11 @@ decode(noise - v) against decode(E(x)) (the VAE's own round trip, so 100% transp
 +inf). One U-Net config a run (`variant`), the same data, seed and steps.
 
     python scripts/probes/transport.py .carry/mini2/ckpt-v2.safetensors base 300
-    python scripts/probes/transport.py .carry/mini2/ckpt-v2.safetensors attn2 300
+    python scripts/probes/transport.py .carry/mini2/ckpt-v2.safetensors up12 300
 
-variants: base (DreamLite-mobile's layout, mini's until NOTES 34), attn2 (self-attention at the middle level too, down and up),
-up12 (in the up path at every level), up1 (in the top up block only), attn12 (at every level, down and up).
+variants: base (DreamLite-mobile's layout, mini's until NOTES 34), up12 (self-attention in the up
+path at every level: mini.yaml now), up1 (in the top up block only), attn12 (at every level, down
+and up).
 """
 
 import json
