@@ -104,7 +104,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -339,27 +338,10 @@ def warm_start(m: Mini, path: Path) -> dict:
     tensors, stored = ckpt.load_checkpoint(path)
     which = ckpt.restore_matching(m.modules, tensors)
     per = {c: sum(n.startswith(c + ".") for n in which["copied"]) for c in m.modules}
-    zeroed = zero_new_branches(m, which["fresh"])
+    zeroed = ckpt.zero_new_branches(m.modules, which["fresh"])
     return {"file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "step": stored["step"],
             "config_sha256": stored["config_sha256"], "copied": per,
             "fresh": sorted({n.rsplit(".", 1)[0] for n in which["fresh"]}), "zeroed": zeroed}  # fmt: skip
-
-
-NEW_BRANCH_OUTPUTS = re.compile(r"(attn1\.to_out\.0|attentions\.\d+\.proj_out)\.(weight|bias)$")
-
-
-def zero_new_branches(m: Mini, fresh: list[str]) -> list[str]:
-    """The last layer of each residual branch that --init-from added (a self-attention's output,
-    a new transformer block's proj_out) set to zero, as ControlNet starts its branches: the
-    warm-started model first computes what the old one did, and the branch grows from there."""
-    zeroed = []
-    with torch.no_grad():
-        for name in fresh:
-            comp, rest = name.split(".", 1)
-            if NEW_BRANCH_OUTPUTS.search(rest):
-                m.modules[comp].get_parameter(rest).zero_()
-                zeroed.append(name)
-    return zeroed
 
 
 def train(m: Mini, plan, total: int, record: dict, tensors, styles, args, device) -> int:

@@ -3,13 +3,17 @@
 encoder training, the VAE frozen) learn one style's one-step edit at all, and how fast does the
 held-out edit PSNR climb? A check of the recipe on this CPU before device minutes go into it.
 
-    python scripts/probes/latent_style.py .carry/mini2/ckpt-v2.safetensors oil 300
+    python scripts/probes/latent_style.py .carry/mini2/ckpt-v2.safetensors oil 300 [mini|base]
+
+`base` builds the U-Net in DreamLite-mobile's layout (mini's until NOTES 34); `mini` (the default)
+the current one, warm-started as train_mini's --init-from does when the checkpoint is the other's.
 
 From the checkpoint's weights, 128 px crops of the licence-clean stills (.data/crops), batches of
 16 of that style alone, AdamW 5e-4 (the stage's peak rate, no warm-up); the one-step edit of 16
 held-out crops against the teacher every 50 steps. Nothing is saved: the log goes to stdout, a
 JSON line at the end."""
 
+import dataclasses
 import json
 import sys
 import time
@@ -24,11 +28,23 @@ from stylize.train.mini_steps import Mini, Stage, edit01, optimizer_for, step_lo
 
 from samples import StyleSamples
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_mini import config_sha  # noqa: E402
+
+BASE_UP = ["CrossAttnUpBlock2D", "CrossAttnUpRemoveSelfAttnBlock2DV1", "UpBlock2D"]
+
 torch.set_num_threads(1)
 path, style, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-m = Mini(model_config("mini"), mini.build_mini_tokenizer(), 0, torch.device("cpu"))
+layout = sys.argv[4] if len(sys.argv) > 4 else "mini"  # "base": DreamLite-mobile's up blocks (mini's before NOTES 34)
+cfg = model_config("mini")
+if layout == "base":
+    cfg = dataclasses.replace(cfg, unet={**cfg.unet, "up_block_types": BASE_UP})
+m = Mini(cfg, mini.build_mini_tokenizer(), 0, torch.device("cpu"))
 tensors, meta = ckpt.load_checkpoint(path)
-ckpt.restore_modules(m.modules, tensors)
+if meta["config_sha256"] == config_sha(cfg):
+    ckpt.restore_modules(m.modules, tensors)
+else:  # another layout's checkpoint: train_mini's --init-from warm start
+    ckpt.zero_new_branches(m.modules, ckpt.restore_matching(m.modules, tensors)["fresh"])
 stage = Stage("latent", steps, 16, 5e-4, ("unet", "text_encoder"))
 params = m.trainable(stage)
 opt = optimizer_for(params, torch.device("cpu"))
@@ -65,4 +81,4 @@ for i in range(1, steps + 1):
     if i % 50 == 0:
         log.append({"step": i, "loss": round(float(loss), 4), "edit_psnr": psnr(), "s": round(time.time() - t)})
         print(log[-1], flush=True)
-print(json.dumps({"checkpoint": str(path), "from_step": meta["step"], "style": style, "log": log}))
+print(json.dumps({"checkpoint": str(path), "from_step": meta["step"], "style": style, "layout": layout, "log": log}))

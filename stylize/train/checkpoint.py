@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -134,6 +135,24 @@ def restore_matching(modules: dict[str, torch.nn.Module], tensors: dict[str, tor
                 else:
                     fresh.append(f"{comp}.{name}")
     return {"copied": copied, "fresh": fresh}
+
+
+NEW_BRANCH_OUTPUTS = re.compile(r"(attn1\.to_out\.0|attentions\.\d+\.proj_out)\.(weight|bias)$")
+
+
+def zero_new_branches(modules: dict[str, torch.nn.Module], fresh: list[str]) -> list[str]:
+    """After `restore_matching`: the last layer of each residual branch it left fresh (a
+    self-attention's output, a new transformer block's proj_out) set to zero, as ControlNet starts
+    its branches, so the branch grows from nothing instead of adding noise to what was learned.
+    Returns the names zeroed."""
+    zeroed = []
+    with torch.no_grad():
+        for name in fresh:
+            comp, rest = name.split(".", 1)
+            if NEW_BRANCH_OUTPUTS.search(rest):
+                modules[comp].get_parameter(rest).zero_()
+                zeroed.append(name)
+    return zeroed
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter],
