@@ -250,8 +250,10 @@ def _libc_trim() -> Callable[[int], int] | None:
 def return_freed_heap() -> None:
     """glibc's malloc keeps the pages a clip freed (its decode and encode buffers, a CUDA graph
     capture's host side) for reuse, and a folder of clips of many shapes fragments them: RSS grew
-    6.3% over 105 clips on the H200 without this and 0.3% with it after each clip (NOTES 35).
-    malloc_trim(0) returns them; it takes about a millisecond. A no-op without glibc."""
+    6.3% over 105 clips on the H200 without a trim and 0.3% with one after each clip (NOTES 35;
+    the second run also had NOTES 31's capture streams, so it cannot say which did it, only that
+    nothing grows once trimmed). malloc_trim(0) returns them: ~1 ms after ~1 GB of scattered
+    frees on this CPU. A no-op without glibc."""
     trim = _libc_trim()
     if trim is not None:
         trim(0)
