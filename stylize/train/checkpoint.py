@@ -115,9 +115,9 @@ def restore_modules(modules: dict[str, torch.nn.Module], tensors: dict[str, torc
         if set(state) != set(own):
             missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
             raise StylizeError(f"checkpoint does not match {comp}: missing {missing[:3]}, unexpected {extra[:3]}")
-        with torch.no_grad():
-            for name, t in own.items():
-                t.copy_(state[name].to(t.dtype))
+    shapes = restore_matching(modules, tensors)["fresh"]  # every name is there: only a shape can differ
+    if shapes:
+        raise StylizeError(f"checkpoint does not match in shape: {shapes[:3]}")
 
 
 def restore_matching(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
