@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 HiddenStates = Literal["pre_norm", "post_norm"]
 ModelKind = Literal["pretrained", "random", "tiny"]
+Start = Literal["noise", "source"]
 # libx264's speed presets, fastest first (what `--preset` takes)
 X264_PRESETS = (
     "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo",
@@ -50,6 +51,10 @@ class ModelConfig:
     te_image_size: int = 256  # side of the square frame the text encoder sees
     prompt_max_tokens: int = 64  # instruction tokens kept after the image tokens (fixed-length padding)
     hidden_states: HiddenStates = "post_norm"  # which last-layer states condition the U-Net
+    # x_T, where the flow starts at sigma 1: "noise" (DreamLite: drawn from the seed) or "source"
+    # (the frame's own latent: the U-Net's velocity is then source - edit, a change in place, and
+    # nothing has to cross from the source half; mini, NOTES 36)
+    start: Start = "noise"
     unet: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)

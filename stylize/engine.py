@@ -46,6 +46,7 @@ from .optimize import Steps, compile_steps, graph_steps, optimize
 from .reference import (
     draw_noise,
     flow_sigmas,
+    flow_start,
     geometry,
     latent_multiple,
     pad_batch,
@@ -364,7 +365,8 @@ class Engine:
         b, dtype = source.shape[0], self.stack.dtype
         latent_hw = tuple(source.shape[-2:])
         clip, cfg = self.clip, self.cfg
-        x = draw_noise(clip.generator, clip.noise, cfg.fixed_noise, cfg.seed, clip.frame, b, self.stack, latent_hw)
+        x = flow_start(self.stack, source, lambda: draw_noise(
+            clip.generator, clip.noise, cfg.fixed_noise, cfg.seed, clip.frame, b, self.stack, latent_hw))
         clip.frame += b
         c = self.constants
         time_ids = c.time_ids(geo.work_hw, b, dtype)

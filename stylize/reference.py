@@ -157,6 +157,14 @@ def draw_noise(generator, cache: dict, fixed: bool, seed: int, first: int, b: in
     return cache[latent_hw].expand(b, -1, -1, -1)
 
 
+def flow_start(stack, source: torch.Tensor, noise) -> torch.Tensor:
+    """x_T, where the flow starts (sigma 1): `noise()` (DreamLite), or for a model whose config says
+    `start: source` a copy of the source latent itself, the same every run (no seed, no noise)."""
+    if stack.config.start == "source":
+        return source.clone()
+    return noise()
+
+
 class ReferenceStylizer:
     """Stylizes batches of frames of one clip. Per-clip state (prompt tokens, fixed noise) is
     rebuilt by `reset`; `stylize` takes any number of frames and pads a short batch to the batch
@@ -209,7 +217,7 @@ class ReferenceStylizer:
         )
         source = vae_encode(stack.vae, x01_bchw)
         latent_hw = tuple(source.shape[-2:])
-        x = self.noise(b, latent_hw)
+        x = flow_start(stack, source, lambda: self.noise(b, latent_hw))
         sigmas = flow_sigmas(stack.scheduler, self.cfg.steps, latent_hw)
         time_ids = torch.tensor([[w, h]], device=x.device, dtype=dtype).expand(b, -1)
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):

@@ -428,3 +428,26 @@ def test_failed_clips_do_not_keep_the_ring_slots(tiny_stack, tmp_path):
     worker.join(60)
     assert done and done[0].frames == 12, "the third clip waited for ring slots"
     engine.close()
+
+
+def test_source_start_flows_from_the_frames_own_latent(tiny_stack, monkeypatch):
+    """`start: source` (mini): x_T is the source latent, so a zero velocity gives back the source
+    latent, no seed changes the output, and the engine computes what the reference does."""
+    import stylize.reference as reference_mod
+
+    stack = dataclasses.replace(tiny_stack, config=dataclasses.replace(tiny_stack.config, start="source"))
+    frames = _clip(6)
+
+    def outputs(s, seed):
+        cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2, fixed_noise=False, seed=seed)
+        return ReferenceStylizer(s, cfg).stylize(frames)
+
+    assert np.array_equal(outputs(stack, 1), outputs(stack, 2))
+    assert not np.array_equal(outputs(tiny_stack, 1), outputs(tiny_stack, 2))  # noise: the seed matters
+    cfg = PipelineConfig(prompt=OIL, size=64, batch_size=2)
+    assert np.array_equal(run(Engine(stack, cfg, EngineConfig()), frames, bs=2), ReferenceStylizer(stack, cfg).stylize(frames))
+
+    monkeypatch.setattr(reference_mod, "velocity", lambda unet, x, *a, **k: torch.zeros_like(x))
+    x = torch.rand(2, 3, 48, 80)
+    got = ReferenceStylizer(stack, cfg).denoise(x)
+    assert torch.equal(got, reference_mod.vae_encode(stack.vae, x))

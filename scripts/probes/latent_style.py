@@ -3,10 +3,11 @@
 encoder training, the VAE frozen) learn one style's one-step edit at all, and how fast does the
 held-out edit PSNR climb? A check of the recipe on this CPU before device minutes go into it.
 
-    python scripts/probes/latent_style.py .carry/mini2/ckpt-v2.safetensors oil 300 [mini|base]
+    python scripts/probes/latent_style.py .carry/mini2/ckpt-v2.safetensors oil 300 [mini|base] [noise|source]
 
 `base` builds the U-Net in DreamLite-mobile's layout (mini's until NOTES 34); `mini` (the default)
 the current one, warm-started as train_mini's --init-from does when the checkpoint is the other's.
+The last argument sets the flow's start x_T (ModelConfig.start; default: mini.yaml's).
 
 From the checkpoint's weights, 128 px crops of the licence-clean stills (.data/crops), batches of
 16 of that style alone, AdamW 5e-4 (the stage's peak rate, no warm-up); the one-step edit of 16
@@ -39,6 +40,8 @@ layout = sys.argv[4] if len(sys.argv) > 4 else "mini"  # "base": DreamLite-mobil
 cfg = model_config("mini")
 if layout == "base":
     cfg = dataclasses.replace(cfg, unet={**cfg.unet, "up_block_types": BASE_UP})
+if len(sys.argv) > 5:
+    cfg = dataclasses.replace(cfg, start=sys.argv[5])
 m = Mini(cfg, mini.build_mini_tokenizer(), 0, torch.device("cpu"))
 tensors, meta = ckpt.load_checkpoint(path)
 if meta["config_sha256"] == config_sha(cfg):
@@ -81,4 +84,4 @@ for i in range(1, steps + 1):
     if i % 50 == 0:
         log.append({"step": i, "loss": round(float(loss), 4), "edit_psnr": psnr(), "s": round(time.time() - t)})
         print(log[-1], flush=True)
-print(json.dumps({"checkpoint": str(path), "from_step": meta["step"], "style": style, "layout": layout, "log": log}))
+print(json.dumps({"checkpoint": str(path), "from_step": meta["step"], "style": style, "layout": layout, "start": cfg.start, "log": log}))

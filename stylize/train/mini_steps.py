@@ -7,9 +7,10 @@ stages, the components being trained, the losses, and each step's crops and targ
     out = step_loss(stage, m, plan, x, y, generator)   # {"loss": ..., and what is logged}
 
 The stages (DreamLite's edit mode, DESIGN §3): `vae` the TAESD round trip of crops and teacher
-outputs; `latent` the U-Net's one-step edit in latent space, x_s = (1 - s) E(teacher) + s noise,
-input cat([x_s, E(crop)], width), target velocity noise - E(teacher); `pixels` K=1 end to end,
-decode(noise - v) against the teacher's pixels.
+outputs; `latent` the U-Net's one-step edit in latent space, x_s = (1 - s) E(teacher) + s x_T,
+input cat([x_s, E(crop)], width), target velocity x_T - E(teacher); `pixels` K=1 end to end,
+decode(x_T - v) against the teacher's pixels. x_T is noise, or E(crop) itself for a model whose
+config says `start: source` (mini, NOTES 36).
 """
 
 from __future__ import annotations
@@ -157,19 +158,19 @@ def step_loss(stage: Stage, m: Mini, plan, x: torch.Tensor, y: torch.Tensor, gen
     with torch.no_grad():
         source, target = encode01(m.vae, x), encode01(m.vae, y)
     states, mask = condition(m, plan, x)
-    noise = torch.randn(target.shape, generator=gen, device=gen.device).to(x.device)
+    start = flow_start(m.cfg, source, gen)
     if stage.name == "latent":
         u = torch.rand(b, generator=gen, device=gen.device).to(x.device)
         one = torch.rand(b, generator=gen, device=gen.device).to(x.device) < SIGMA_ONE_SHARE
         sigma = torch.where(one, torch.ones_like(u), u.clamp_min(1e-3))
     else:
         sigma = torch.ones(b, device=x.device)
-    x_t = (1 - sigma.view(-1, 1, 1, 1)) * target + sigma.view(-1, 1, 1, 1) * noise
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * target + sigma.view(-1, 1, 1, 1) * start
     v = velocity(m.unet, x_t, source, sigma * 1000, states, mask, _time_ids(x)).float()
-    latent_mse = (v - (noise - target).float()).square().mean()
+    latent_mse = (v - (start - target).float()).square().mean()
     if stage.name == "latent":
         return {"loss": latent_mse}
-    pix = pixel_loss(decode01(m.vae, noise - v), y)
+    pix = pixel_loss(decode01(m.vae, start - v), y)
     return {"loss": pix + LATENT_WEIGHT * latent_mse, "pixel": pix.detach(), "latent": latent_mse.detach()}
 
 
@@ -188,14 +189,21 @@ def _time_ids(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def edit01(m: Mini, plan, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """mini's one-step edit of crops x (B, 3, S, S) in [0, 1], as stylize runs it: from pure noise
-    (sigma 1) beside the source latent, one velocity, decoded; RGB float in [0, 1]."""
+    """mini's one-step edit of crops x (B, 3, S, S) in [0, 1], as stylize runs it: from x_T (sigma 1;
+    the config's `start`) beside the source latent, one velocity, decoded; RGB float in [0, 1]."""
     source = encode01(m.vae, x)
     states, mask = condition(m, plan, x)
-    noise = torch.randn(source.shape, generator=gen, device=gen.device).to(x.device)
+    start = flow_start(m.cfg, source, gen)
     sigma = torch.full((x.shape[0],), 1000.0, device=x.device)
-    v = velocity(m.unet, noise, source, sigma, states, mask, _time_ids(x))
-    return decode01(m.vae, noise - v).float().clamp(0, 1)
+    v = velocity(m.unet, start, source, sigma, states, mask, _time_ids(x))
+    return decode01(m.vae, start - v).float().clamp(0, 1)
+
+
+def flow_start(cfg, source: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x_T of the flow (sigma 1): noise, or with `start: source` the source latent itself."""
+    if cfg.start == "source":
+        return source
+    return torch.randn(source.shape, generator=gen, device=gen.device).to(source.device)
 
 
 # ------------------------------------------------------------------------------------------- data
