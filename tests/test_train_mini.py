@@ -10,6 +10,7 @@ import importlib.util
 import json
 import sys
 import tomllib
+import types
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +346,28 @@ def test_reused_samples_are_those_of_the_steps_before_and_a_resume_makes_them_ag
     assert p.prompts == got[9][0].prompts
     torch.testing.assert_close(x, got[9][1], rtol=0, atol=0)
     torch.testing.assert_close(y, got[9][2], rtol=0, atol=0)
+
+
+def test_source_start_trains_the_change_from_the_frames_own_latent(train_mini, monkeypatch):
+    """`start: source` (mini, NOTES 36): the flow runs from the crop's latent to the teacher's, so
+    with a zero velocity the latent loss is |E(crop) - E(teacher)|^2 and the edit is the crop's
+    round trip, whatever the generator; from noise the loss depends on the draw."""
+    from stylize.train import mini_steps
+
+    cfg, tok = model_config("mini"), mini.build_mini_tokenizer()
+    assert cfg.start == "source"
+    m = train_mini.Mini(cfg, tok, 0, torch.device("cpu"))
+    monkeypatch.setattr(mini_steps, "velocity", lambda unet, x, *a, **k: torch.zeros_like(x))
+    x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    plan = types.SimpleNamespace(prompts=[mini.style_prompts("oil")[0]] * 2)
+    stage = mini_steps.Stage("latent", 10, 2, 1e-4, ("unet",))
+    with torch.no_grad():
+        want = (mini_steps.encode01(m.vae, x) - mini_steps.encode01(m.vae, y)).square().mean()
+        for seed in (1, 2):
+            got = mini_steps.step_loss(stage, m, plan, x, y, torch.Generator().manual_seed(seed))["loss"]
+            torch.testing.assert_close(got, want)
+        edit = mini_steps.edit01(m, plan, x, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(edit, mini_steps.decode01(m.vae, mini_steps.encode01(m.vae, x)).clamp(0, 1))
+        m.cfg = dataclasses.replace(cfg, start="noise")
+        a, b = (mini_steps.step_loss(stage, m, plan, x, y, torch.Generator().manual_seed(s))["loss"] for s in (1, 2))
+        assert not torch.equal(a, b)
