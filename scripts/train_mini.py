@@ -235,8 +235,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--channels-last", action="store_true",
                     help="the U-Net and the VAE in channels_last (CUDA: PyTorch gives bf16 depthwise "
                     "convolutions to cuDNN only in that layout; NOTES 34)")  # fmt: skip
-    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
-                    help="cuDNN's per-shape tuning on CUDA (--no-cudnn-benchmark: its heuristics, no tuning)")  # fmt: skip
+    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
+                    help="cuDNN's per-shape tuning on CUDA (off by default: at each new crop side it cost "
+                         "~100 s of an 8-minute chunk, and without it a chunk ran 1.5x the steps, NOTES 36)")  # fmt: skip
     ap.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
                     help="a new run (no --resume file yet) starts from this checkpoint's weights wherever "
                     "their names and shapes match mini's config, e.g. after a U-Net config change; with "

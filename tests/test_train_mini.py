@@ -264,7 +264,8 @@ def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch,
     capsys.readouterr()
     assert train_mini.main([*common, "--resume", str(out), "--eval"]) == 0  # the same figures, on demand
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["step"] == 5 and line["edit_psnr_256"] == held_out
+    # the same figures from the checkpoint's fp16 weights (training measured its fp32 ones)
+    assert line["step"] == 5 and line["edit_psnr_256"] == pytest.approx(held_out, abs=0.05)
 
     folder = tmp_path / "mini"
     assert train_mini.main([*common, "--resume", str(out), "--export", str(folder)]) == 0
