@@ -365,7 +365,7 @@ class Engine:
         b, dtype = source.shape[0], self.stack.dtype
         latent_hw = tuple(source.shape[-2:])
         clip, cfg = self.clip, self.cfg
-        x = flow_start(self.stack, source, lambda: draw_noise(
+        x = flow_start(self.stack.config, source, lambda: draw_noise(
             clip.generator, clip.noise, cfg.fixed_noise, cfg.seed, clip.frame, b, self.stack, latent_hw))
         clip.frame += b
         c = self.constants

@@ -157,10 +157,11 @@ def draw_noise(generator, cache: dict, fixed: bool, seed: int, first: int, b: in
     return cache[latent_hw].expand(b, -1, -1, -1)
 
 
-def flow_start(stack, source: torch.Tensor, noise) -> torch.Tensor:
+def flow_start(model_cfg, source: torch.Tensor, noise) -> torch.Tensor:
     """x_T, where the flow starts (sigma 1): `noise()` (DreamLite), or for a model whose config says
-    `start: source` a copy of the source latent itself, the same every run (no seed, no noise)."""
-    if stack.config.start == "source":
+    `start: source` a copy of the source latent itself, the same every run (no seed, no noise).
+    The one place this is decided: the reference path, the engine and mini's training call it."""
+    if model_cfg.start == "source":
         return source.clone()
     return noise()
 
@@ -217,7 +218,7 @@ class ReferenceStylizer:
         )
         source = vae_encode(stack.vae, x01_bchw)
         latent_hw = tuple(source.shape[-2:])
-        x = flow_start(stack, source, lambda: self.noise(b, latent_hw))
+        x = flow_start(stack.config, source, lambda: self.noise(b, latent_hw))
         sigmas = flow_sigmas(stack.scheduler, self.cfg.steps, latent_hw)
         time_ids = torch.tensor([[w, h]], device=x.device, dtype=dtype).expand(b, -1)
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.text_encoder import tokenize_prompt
-from ..reference import resize, velocity
+from ..reference import flow_start, resize, velocity
 from . import data as train_data
 from . import mini, mini_data
 
@@ -158,7 +158,7 @@ def step_loss(stage: Stage, m: Mini, plan, x: torch.Tensor, y: torch.Tensor, gen
     with torch.no_grad():
         source, target = encode01(m.vae, x), encode01(m.vae, y)
     states, mask = condition(m, plan, x)
-    start = flow_start(m.cfg, source, gen)
+    start = flow_start(m.cfg, source, lambda: _noise(source, gen))
     if stage.name == "latent":
         u = torch.rand(b, generator=gen, device=gen.device).to(x.device)
         one = torch.rand(b, generator=gen, device=gen.device).to(x.device) < SIGMA_ONE_SHARE
@@ -172,6 +172,10 @@ def step_loss(stage: Stage, m: Mini, plan, x: torch.Tensor, y: torch.Tensor, gen
         return {"loss": latent_mse}
     pix = pixel_loss(decode01(m.vae, start - v), y)
     return {"loss": pix + LATENT_WEIGHT * latent_mse, "pixel": pix.detach(), "latent": latent_mse.detach()}
+
+
+def _noise(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(like.shape, generator=gen, device=gen.device).to(like.device)
 
 
 def condition(m: Mini, plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,17 +197,11 @@ def edit01(m: Mini, plan, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor
     the config's `start`) beside the source latent, one velocity, decoded; RGB float in [0, 1]."""
     source = encode01(m.vae, x)
     states, mask = condition(m, plan, x)
-    start = flow_start(m.cfg, source, gen)
+    start = flow_start(m.cfg, source, lambda: _noise(source, gen))
     sigma = torch.full((x.shape[0],), 1000.0, device=x.device)
     v = velocity(m.unet, start, source, sigma, states, mask, _time_ids(x))
     return decode01(m.vae, start - v).float().clamp(0, 1)
 
-
-def flow_start(cfg, source: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """x_T of the flow (sigma 1): noise, or with `start: source` the source latent itself."""
-    if cfg.start == "source":
-        return source
-    return torch.randn(source.shape, generator=gen, device=gen.device).to(source.device)
 
 
 # ------------------------------------------------------------------------------------------- data
