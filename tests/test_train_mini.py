@@ -216,8 +216,8 @@ def test_init_from_starts_a_new_run_from_another_checkpoint(train_mini, tmp_path
 
 
 def test_warm_start_zeroes_the_new_branches(train_mini, tmp_path):
-    """--init-from across a U-Net config change (self-attention added in the up path, as mini went
-    from DreamLite-mobile's layout to its own, NOTES 34): what matches is copied, and each added
+    """--init-from across a U-Net config change (self-attention added in the up path, as NOTES 34
+    tried and NOTES 36 undid): what matches is copied, and each added
     residual branch's last layer starts at zero."""
     cfg, tok = model_config("mini"), mini.build_mini_tokenizer()
     removed = {**cfg.unet, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpRemoveSelfAttnBlock2DV1", "UpBlock2D"]}
